@@ -1,0 +1,39 @@
+# One entry point for humans and CI. `make demo` and `make ci` work on a fresh CPU machine.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test cuda-check bench-cpu ci gpu-suite clean
+
+# CPU torch only when no torch is installed (never pulls a CUDA build), then the package with
+# its compiled extension, built against that torch.
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -c .ci/constraints.txt setuptools wheel ninja pybind11
+	$(PIP) install -c .ci/constraints.txt --no-build-isolation -e ".[test,bench]"
+
+# The main job on the embedded default: ME over the two demo members shipped in the package.
+demo: setup
+	me-generate --compare
+
+# The test suite as CI runs it: Triton kernels on CPU tensors under the interpreter.
+test:
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests
+
+# Every CUDA source compiles for sm_90a (nvcc, compile only) and the CUDA dispatch layer
+# compiles against torch's headers.
+cuda-check:
+	.ci/check_cuda_sources.sh
+
+# The end-to-end benchmark in its CPU mode, so the benchmark code cannot rot.
+bench-cpu:
+	$(PYTHON) bench/e2e.py --cpu --out bench/out/e2e_cpu.json
+
+ci: setup cuda-check test bench-cpu
+
+# On a GPU machine with torch/triton/transformers preinstalled and no network.
+gpu-suite:
+	bench/gpu_suite.sh bench/out/gpu
+
+clean:
+	rm -rf build *.egg-info me_kernels/_C*.so bench/out .pytest_cache

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole GPU job in one command, for a machine with one H100/H200, CUDA, and torch / triton /
+# transformers preinstalled, with NO network:
+#   1. builds me_kernels._C in place against that torch (no pip, no downloads);
+#   2. runs the GPU tests (pytest -m gpu);
+#   3. runs the kernel microbenchmarks and the end-to-end benchmark (JSON);
+#   4. draws the plots and prints a short summary table last.
+# Usage: bench/gpu_suite.sh OUTDIR      (fits in a 10-minute run; each step has its own limit)
+set -uo pipefail
+OUTDIR=${1:?usage: bench/gpu_suite.sh OUTDIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export ME_CUDA_ARCH_LIST=${ME_CUDA_ARCH_LIST:-9.0a}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+STATUS="$OUTDIR/steps.tsv"
+: >"$STATUS"
+failed=0
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== [$name] $*" | tee -a "$OUTDIR/suite.log"
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >>"$OUTDIR/suite.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%ss\n' "$name" "$([ $rc -eq 0 ] && echo ok || echo "FAILED rc=$rc")" "$((SECONDS - t0))" | tee -a "$STATUS"
+  [ $rc -eq 0 ] || failed=1
+  return $rc
+}
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
+  "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__)"
+  nvcc --version 2>/dev/null | tail -n 1
+} | tee "$OUTDIR/env.txt"
+
+step build 300 "$PY" setup.py build_ext --inplace || { echo "build failed: see $OUTDIR/suite.log"; tail -n 40 "$OUTDIR/suite.log"; exit 1; }
+step import 60 "$PY" -c "import me_kernels, me_runtime; assert me_kernels.EXTENSION_LOADED; print('me_kernels._C loaded')"
+step gpu-tests 240 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml"
+for b in bench/bench_*.py; do
+  [ -f "$b" ] || continue
+  name=$(basename "$b" .py)
+  step "$name" 180 "$PY" -m pytest -q "$b" -p no:cacheprovider --benchmark-enable --benchmark-json="$OUTDIR/$name.json"
+done
+[ -f bench/e2e.py ] && step e2e 300 "$PY" bench/e2e.py --out "$OUTDIR/e2e.json"
+[ -f bench/plot.py ] && step plot 60 "$PY" bench/plot.py "$OUTDIR"
+[ -f bench/summarize.py ] && "$PY" bench/summarize.py "$OUTDIR" | tee "$OUTDIR/summary.md"
+echo
+echo "steps:"
+column -t -s $'\t' "$STATUS" 2>/dev/null || cat "$STATUS"
+exit $failed

@@ -1,0 +1,32 @@
+// The one binding file of me_kernels._C: op schemas (TORCH_LIBRARY(me, m)) and their CPU /
+// CUDA implementations. Fake (meta) implementations for torch.compile are registered from
+// Python in me_kernels/_ops.py. torch.ops.me.* is the stable entry point.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// `import me_kernels._C` loads this library (and so runs the registrations below); the Python
+// module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "me_kernels compiled ops (torch.ops.me)", -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(me, m) {
+  m.def("group_rows(Tensor members, int num_members) -> (Tensor order, Tensor offsets)");
+  m.def("grouped_linear(Tensor x, Tensor members, Tensor weight, Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(me, CPU, m) {
+  m.impl("group_rows", &me::group_rows_cpu);
+  m.impl("grouped_linear", &me::grouped_linear_cpu);
+}
+
+#ifdef ME_WITH_CUDA
+TORCH_LIBRARY_IMPL(me, CUDA, m) {
+  m.impl("group_rows", &me::group_rows_cuda);
+  m.impl("grouped_linear", &me::grouped_linear_cuda);
+}
+#endif

@@ -1,0 +1,54 @@
+"""Public wrappers of the compiled grouped ops (torch.ops.me.group_rows / grouped_linear)."""
+from __future__ import annotations
+
+import torch
+
+from . import _ops  # noqa: F401  (registers torch.ops.me.*)
+
+__all__ = ["group_rows", "grouped_linear"]
+
+
+def _as_member_ids(members: torch.Tensor, name: str = "members") -> torch.Tensor:
+    if not isinstance(members, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of member ids, got {type(members).__name__}")
+    if members.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 (or int64), got {members.dtype}")
+    return members.to(torch.int32)
+
+
+def group_rows(members: torch.Tensor, num_members: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable counting sort of rows by member, on the rows' device, without host sync.
+
+    Args:
+        members: int32 [T], the member of each row, in [0, num_members).
+        num_members: M >= 1.
+    Returns:
+        order: int32 [T], row indices grouped by member (ascending within a member).
+        offsets: int32 [M + 1]; member m's rows are order[offsets[m]:offsets[m + 1]].
+    """
+    if not isinstance(num_members, int) or isinstance(num_members, bool) or num_members < 1:
+        raise ValueError(f"num_members must be an int >= 1, got {num_members!r}")
+    return torch.ops.me.group_rows(_as_member_ids(members), num_members)
+
+
+def grouped_linear(
+    x: torch.Tensor, members: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Row-routed linear layer: out[t] = x[t] @ weight[members[t]].T (+ bias[members[t]]).
+
+    Args:
+        x: [T, K] float32 / bfloat16 / float16 (any strides).
+        members: int32 [T], values in [0, M).
+        weight: [M, N, K], same dtype as x.
+        bias: [M, N] or None.
+    Returns:
+        [T, N] in x's dtype, accumulated in fp32. On CUDA no host synchronisation happens, so the
+        call can be captured in a CUDA graph; out-of-range ids yield NaN rows there (they raise
+        ValueError on the CPU, where checking is free).
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    return torch.ops.me.grouped_linear(x, _as_member_ids(members), weight, bias)

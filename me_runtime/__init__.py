@@ -1,0 +1,1 @@
+"""me_runtime: a thin runtime that ensembles Hugging Face causal LMs with me_kernels."""
