@@ -92,6 +92,17 @@ class Batch:
         self.seeds = self.seeds[rows_dev]
 
 
+def _padding_mask_kind(config) -> str:
+    """How a member takes a padding mask: a 4D bool mask (sdpa), a 4D additive mask (eager), or
+    the 2D mask transformers expands itself (other attention kernels, sliding-window layers)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or []
+    sliding = getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True)
+    if sliding or any(t != "full_attention" for t in layer_types):
+        return "2d"
+    return {"sdpa": "4d-bool", "eager": "4d-float"}.get(getattr(config, "_attn_implementation", None), "2d")
+
+
 class MemberRunner:
     """One member's view of the batch: its KV cache and how many generated tokens it has read.
 
@@ -105,6 +116,7 @@ class MemberRunner:
         self.device = next(model.parameters()).device
         self.sampling_device = sampling_device
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.mask_kind = _padding_mask_kind(model.config)
         self.cache = None
         self.consumed = 0  # generated tokens read by every active row
         self.cache_len = 0  # columns in the KV cache (prompt width at prefill + consumed)
@@ -127,11 +139,8 @@ class MemberRunner:
             positions = batch.prompt_lens_dev.to(self.device)[:, None] + steps[None, :]
         new = tokens.shape[1]
         mask = None
-        if any(self.pad):
-            # A 2D padding mask makes transformers build a 4D mask (it checks the mask on the
-            # host, one sync per forward); without padding no mask is passed and none happens.
-            cols = torch.arange(self.cache_len + new, device=self.device)
-            mask = (cols[None, :] >= self.pad_dev[:, None]).long()
+        if any(self.pad):  # without padding no mask is passed at all
+            mask = self._padding_mask(new)
         kwargs = {"logits_to_keep": 1} if self.accepts_logits_to_keep else {}
         out = self.model(
             input_ids=tokens.to(self.device).contiguous(),
@@ -145,6 +154,31 @@ class MemberRunner:
         self.cache_len += new
         self.consumed = t
         return out.logits[:, -1, :].to(self.sampling_device)
+
+    def _padding_mask(self, new: int) -> torch.Tensor:
+        """The mask for `new` queries over cache_len + new keys, rows left-padded by pad_dev.
+
+        transformers turns a 2D padding mask into a 4D one after checking it on the host (a sync
+        per forward); for sdpa / eager attention without sliding windows we build the 4D mask
+        here on the device instead, and hand other attention implementations the 2D mask.
+        """
+        total = self.cache_len + new
+        keys = torch.arange(total, device=self.device)
+        not_pad = keys[None, :] >= self.pad_dev[:, None]  # [B, total]
+        if self.mask_kind == "2d":
+            return not_pad.long()
+        queries = torch.arange(self.cache_len, total, device=self.device)
+        causal = keys[None, :] <= queries[:, None]  # [new, total]
+        allowed = (not_pad[:, None, :] & causal[None]) | (keys[None, :] == queries[:, None])[None]
+        # (a padded query attends to itself: a row with no key at all would give NaN values that
+        # leak into real rows through 0 * NaN)
+        allowed = allowed[:, None]  # [B, 1, new, total]
+        if self.mask_kind == "4d-bool":
+            return allowed
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def keep(self, rows: list[int], rows_dev: torch.Tensor) -> None:
         if self.cache is None:

@@ -216,6 +216,27 @@ def test_batch_invariance_and_determinism(members, method, selection):
     assert [g.token_ids for g in rev[::-1]] == [g.token_ids for g in batch]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "2d-mask"])
+def test_padding_masks_for_each_attention_path(attention, monkeypatch):
+    # Ragged prompts are left-padded; each mask path must give every row the logits it gets alone.
+    import me_runtime.decode as decode_module
+
+    models = [tiny_member(arch, V, seed=41 + i, sharpness=4.0) for i, arch in enumerate(("llama", "qwen2"))]
+    if attention == "eager":
+        for m in models:
+            m.set_attn_implementation("eager")
+    if attention == "2d-mask":
+        monkeypatch.setattr(decode_module, "_padding_mask_kind", lambda config: "2d")
+    expected_kind = {"sdpa": "4d-bool", "eager": "4d-float", "2d-mask": "2d"}[attention]
+    assert decode_module.MemberRunner(models[0], torch.device("cpu")).mask_kind == expected_kind
+    ens = Ensemble(models)
+    for method in ("me", "ce"):
+        batch = ens.generate_ids(RAGGED, method=method, max_new_tokens=8, seed=[1, 2, 3, 4])
+        for i, prompt in enumerate(RAGGED):
+            alone = ens.generate_ids([prompt], method=method, max_new_tokens=8, seed=1 + i)[0]
+            assert alone.token_ids == batch[i].token_ids
+
+
 def test_int_seed_means_seed_plus_index(ensemble):
     a = ensemble.generate_ids(RAGGED, max_new_tokens=5, seed=40)
     b = ensemble.generate_ids(RAGGED, max_new_tokens=5, seed=[40, 41, 42, 43])
@@ -243,19 +264,29 @@ def test_finished_rows_leave_the_batch_without_changing_the_others(method):
             assert len(gen.token_ids) == 20
 
 
-def test_kv_cache_holds_no_padding_holes(members):
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "2d-mask"])
+def test_kv_cache_holds_no_padding_holes(attention):
     # Member caches hold (current prompt width + generated tokens read) columns, for every row;
-    # when the longest prompt leaves, its padding columns go too.
+    # when the longest prompt leaves, its padding columns go too. Logits stay exact throughout.
+    model = tiny_member("qwen2", V, seed=5, sharpness=4.0)
+    if attention == "eager":
+        model.set_attn_implementation("eager")
     prompts = [[1] * 9, [2, 3], [4]]
     batch = Batch(prompts, [0, 1, 2], max_new_tokens=8, device=torch.device("cpu"))
-    runner = MemberRunner(members[0], torch.device("cpu"))
+    runner = MemberRunner(model, torch.device("cpu"))
+    if attention == "2d-mask":
+        runner.mask_kind = "2d"
     with torch.inference_mode():
         runner.catch_up(batch, 0)
         for t in range(1, 6):
             batch.generated[:, t - 1] = t % V
             if t == 3:
                 runner.catch_up(batch, t)
-        runner.catch_up(batch, 5)
+        logits = runner.catch_up(batch, 5)
+        for row, prompt in enumerate(prompts):
+            full = prompt + [t % V for t in range(1, 6)]
+            ref = model(input_ids=torch.tensor([full])).logits[0, -1]
+            torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=1e-4)
         batch.generated[:, 5] = 6 % V
         assert runner.cache.get_seq_length() == 9 + 5 == runner.cache_len
         keep = [1, 2]
@@ -267,7 +298,7 @@ def test_kv_cache_holds_no_padding_holes(members):
     # and the logits still match an unpadded forward of each request
     for row, prompt in enumerate([[2, 3], [4]]):
         full = prompt + [t % V for t in range(1, 7)]
-        ref = members[0](input_ids=torch.tensor([full])).logits[0, -1]
+        ref = model(input_ids=torch.tensor([full])).logits[0, -1]
         torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=1e-4)
 
 

@@ -1,0 +1,318 @@
+"""End-to-end benchmark: ME vs CE vs one member vs HF generate vs the paper's algorithm.
+
+GPU mode (default) measures members with the real architectures of Qwen2.5-1.5B and
+Llama-3.2-1B (bench/configs/*.json, random bf16 weights: decode speed does not depend on weight
+values), for each member count M and batch size B, side by side in one process:
+
+    me          ME, independent selection (each request draws its member every step)
+    me-shared   ME, one member per step for the whole batch
+    ce          conventional ensemble, fused mixture kernel
+    single      member 0 alone through the same runtime
+    hf-generate Hugging Face `generate` on member 0 (sampling, same top_p / temperature)
+    seed-algo   the paper's reference loop re-implemented (B = 1 only; bench/seed_algorithm.py)
+
+Each row reports tokens/s (all requests), ms per decode step, peak GPU memory, and the floor:
+the bytes a step must read (the weights of the members that run -- in expectation for
+independent ME -- plus their KV caches) over the measured copy bandwidth.
+
+    python bench/e2e.py --out e2e.json                      # GPU grid (see --help)
+    python bench/e2e.py --cpu --out e2e_cpu.json            # tiny members on the CPU (CI smoke)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from me_runtime import Ensemble  # noqa: E402
+from seed_algorithm import SeedAlgorithm  # noqa: E402
+
+ROWS = ("me", "me-shared", "ce", "single", "hf-generate", "seed-algo")
+
+
+# ------------------------------------------------------------------------------ setup
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    with open(os.path.join(HERE, "configs", f"{name}.json")) as f:
+        data = json.load(f)
+    model_type = data.pop("model_type")
+    data.pop("torch_dtype", None)
+    data["eos_token_id"] = None  # random weights: never stop early, every run makes all tokens
+    return AutoConfig.for_model(model_type, **data)
+
+
+def build_members(arch: str, count: int, dtype: torch.dtype, device: torch.device) -> list[torch.nn.Module]:
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(arch)
+    models = []
+    for i in range(count):
+        torch.manual_seed(1234 + i)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.generation_config.eos_token_id = None
+        models.append(model.eval())
+    return models
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Copy bandwidth in bytes/s, counting bytes read plus bytes written (the floor's unit)."""
+    nbytes = (1 << 30) if device.type == "cuda" else (1 << 28)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5 if device.type == "cuda" else 3):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+
+
+def expected_members_per_step(weights: list[float], batch: int, row: str) -> float:
+    if row in ("me-shared", "single", "hf-generate", "seed-algo"):
+        return 1.0
+    if row == "ce":
+        return float(len(weights))
+    return sum(1.0 - (1.0 - w) ** batch for w in weights)  # independent ME: distinct members drawn
+
+
+# ------------------------------------------------------------------------------ rows
+def run_row(row, ens, models, prompts, new_tokens, params, seed):
+    """Generate new_tokens for every prompt; returns (seconds, generated token count)."""
+    device = ens.device
+    if row in ("me", "me-shared", "ce", "single"):
+        method = {"me-shared": "me"}.get(row, row)
+        selection = "shared" if row == "me-shared" else "independent"
+        gens = ens.generate_ids(prompts, method=method, selection=selection, max_new_tokens=new_tokens, seed=seed, **params)
+        return sum(len(g.token_ids) for g in gens)
+    if row == "hf-generate":
+        ids = torch.tensor(prompts, device=device)
+        out = models[0].generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=params["temperature"],
+            top_p=params["top_p"],
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
+        return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    if row == "seed-algo":
+        algo = SeedAlgorithm(models, ens.weights, temperature=params["temperature"], top_p=params["top_p"], seed=seed)
+        tokens, _ = algo.generate(prompts[0], new_tokens)
+        return len(tokens)
+    raise ValueError(row)
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    count = fn()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return seconds, count, peak
+
+
+# ------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu", action="store_true", help="tiny members on the CPU (quick smoke / CPU measurement)")
+    p.add_argument("--archs", default=None, help="comma list of bench/configs names")
+    p.add_argument("--members", default=None, help="comma list of member counts M")
+    p.add_argument("--batches", default=None, help="comma list of batch sizes")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {ROWS}")
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-seconds", type=float, default=float("inf"), help="stop the grid (partial results) after this")
+    p.add_argument("--out", default=None, help="JSON output path")
+    args = p.parse_args(argv)
+    if args.cpu:
+        defaults = dict(archs="tiny-llama", members="3", batches="1,4", prompt_len=32, new_tokens=32)
+    else:
+        defaults = dict(archs="qwen2.5-1.5b,llama-3.2-1b", members="2,3,4", batches="1,8,32,64", prompt_len=256, new_tokens=256)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print("e2e: no CUDA device; use --cpu for the CPU mode", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu else "cuda")
+    dtype = torch.float32 if args.cpu else torch.bfloat16
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        raise SystemExit(f"e2e: unknown rows {sorted(unknown)}; choose from {ROWS}")
+    member_counts = [int(m) for m in args.members.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    params = {"temperature": args.temperature, "top_p": args.top_p}
+    bandwidth = measure_bandwidth(device)
+    started = time.perf_counter()
+    results, skipped = [], []
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "bandwidth_GBps": bandwidth / 1e9,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "params": params,
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import transformers
+        import triton
+
+        meta["transformers"], meta["triton"] = transformers.__version__, triton.__version__
+    except ImportError:
+        pass
+    print(f"e2e on {meta['device']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+
+    for arch in args.archs.split(","):
+        all_models = build_members(arch, max(member_counts), dtype, device)
+        weights_bytes = model_bytes(all_models[0])
+        kv_per_token = kv_bytes_per_token(all_models[0])
+        vocab = all_models[0].config.vocab_size
+        warmed = set()
+        for num in member_counts:
+            models = all_models[:num]
+            ens = Ensemble(models)  # uniform weights
+            for batch in batches:
+                gen = torch.Generator().manual_seed(batch)
+                prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
+                for row in rows:
+                    if row == "seed-algo" and batch != 1:
+                        continue
+                    if time.perf_counter() - started > args.max_seconds:
+                        skipped.append({"arch": arch, "members": num, "batch": batch, "row": row})
+                        continue
+                    if (row, batch) not in warmed:  # first use compiles kernels / sizes allocator pools
+                        run_row(row, ens, models, prompts, 4, params, seed=0)
+                        warmed.add((row, batch))
+                    seconds, count, peak = timed(
+                        lambda: run_row(row, ens, models, prompts, args.new_tokens, params, seed=1), device
+                    )
+                    steps = args.new_tokens
+                    members_per_step = expected_members_per_step(ens.weights, batch, row)
+                    context = args.prompt_len + args.new_tokens / 2  # mean KV length over the run
+                    floor_step_bytes = members_per_step * (weights_bytes + batch * context * kv_per_token)
+                    floor_ms = 1e3 * floor_step_bytes / bandwidth
+                    rec = {
+                        "arch": arch,
+                        "members": num,
+                        "batch": batch,
+                        "row": row,
+                        "seconds": seconds,
+                        "tokens": count,
+                        "tokens_per_s": count / seconds,
+                        "ms_per_step": 1e3 * seconds / steps,
+                        "floor_ms_per_step": floor_ms,
+                        "floor_tokens_per_s": batch / (floor_ms / 1e3),
+                        "fraction_of_floor": floor_ms / (1e3 * seconds / steps),
+                        "members_per_step": members_per_step,
+                        "peak_memory_GB": None if peak is None else peak / 1e9,
+                        "weights_GB": num * weights_bytes / 1e9,
+                    }
+                    results.append(rec)
+                    print(
+                        f"{arch:14s} M={num} B={batch:<3d} {row:12s} {rec['tokens_per_s']:9.1f} tok/s "
+                        f"{rec['ms_per_step']:8.2f} ms/step  floor {floor_ms:7.2f} ms/step",
+                        flush=True,
+                    )
+        del all_models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ratios = compute_ratios(results)
+    out = {"meta": meta, "results": results, "ratios": ratios, "skipped": skipped}
+    print()
+    print(format_tables(out))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+def compute_ratios(results):
+    by_key = {(r["arch"], r["members"], r["batch"], r["row"]): r for r in results}
+    ratios = []
+    for (arch, num, batch, row), r in by_key.items():
+        if row not in ("me", "me-shared"):
+            continue
+        rec = {"arch": arch, "members": num, "batch": batch, "row": row}
+        for other in ("ce", "single", "hf-generate", "seed-algo"):
+            o = by_key.get((arch, num, batch, other))
+            if o is not None:
+                rec[f"vs_{other}"] = r["tokens_per_s"] / o["tokens_per_s"]
+        ratios.append(rec)
+    return ratios
+
+
+def format_tables(out) -> str:
+    meta = out["meta"]
+    lines = [
+        f"device: {meta['device']}  date: {meta['date']}  torch {meta['torch']}  "
+        f"bandwidth {meta['bandwidth_GBps']:.0f} GB/s  prompt {meta['prompt_len']}  new {meta['new_tokens']}",
+        "",
+        "| arch | M | B | row | tokens/s | ms/step | floor ms/step | floor/measured | peak mem GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["results"]:
+        mem = "-" if r["peak_memory_GB"] is None else f"{r['peak_memory_GB']:.2f}"
+        lines.append(
+            f"| {r['arch']} | {r['members']} | {r['batch']} | {r['row']} | {r['tokens_per_s']:.1f} | "
+            f"{r['ms_per_step']:.2f} | {r['floor_ms_per_step']:.2f} | {r['fraction_of_floor']:.2f} | {mem} |"
+        )
+    lines += ["", "| arch | M | B | row | vs CE | vs single | vs HF generate | vs seed algorithm |", "|---|---|---|---|---|---|---|---|"]
+    for r in out["ratios"]:
+        cell = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
+        lines.append(
+            f"| {r['arch']} | {r['members']} | {r['batch']} | {r['row']} | {cell('vs_ce')} | {cell('vs_single')} | "
+            f"{cell('vs_hf-generate')} | {cell('vs_seed-algo')} |"
+        )
+    if out["skipped"]:
+        lines.append(f"\nskipped (time budget): {len(out['skipped'])} rows")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
