@@ -1,0 +1,91 @@
+"""Short markdown summary of a benchmark run directory (printed last by bench/gpu_suite.sh).
+
+    python bench/summarize.py OUTDIR
+
+Reads env.txt, steps.tsv, e2e.json and bench_*.json (pytest-benchmark; kernel cases carry
+`time_ms`, `floor_ms` and optionally `target_ms` in extra_info) and prints the issue targets
+next to the measured figures. Prints only what the files hold: nothing is estimated.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+# (arch or None for any, M, B, row, ratio key, target) from the end-to-end issue
+E2E_TARGETS = [
+    (3, 1, "me", "vs_ce", 2.7, "ME/CE at B=1, M=3 (paper's best 2.68)"),
+    (3, 1, "me", "vs_single", 0.9, "ME/single at B=1, M=3"),
+    (3, 32, "me-shared", "vs_ce", 2.5, "ME shared/CE at B=32, M=3"),
+]
+
+
+def _read(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f) if path.endswith(".json") else f.read()
+
+
+def e2e_lines(e2e) -> list[str]:
+    lines = ["## End to end (tokens/s ratios, same run)", "", "| target | arch | measured | goal | |", "|---|---|---|---|---|"]
+    for num, batch, row, key, goal, label in E2E_TARGETS:
+        found = [r for r in e2e.get("ratios", []) if r["members"] == num and r["batch"] == batch and r["row"] == row and key in r]
+        if not found:
+            lines.append(f"| {label} | - | not measured | {goal} | |")
+        for r in found:
+            ok = "met" if r[key] >= goal else f"missed by {goal / r[key]:.2f}x"
+            lines.append(f"| {label} | {r['arch']} | {r[key]:.2f}x | >= {goal} | {ok} |")
+    return lines
+
+
+def kernel_lines(outdir) -> list[str]:
+    lines = []
+    for path in sorted(glob.glob(os.path.join(outdir, "bench_*.json"))):
+        data = _read(path)
+        cases = [b for b in data.get("benchmarks", []) if "time_ms" in b.get("extra_info", {})]
+        if not cases:
+            continue
+        name = os.path.basename(path)[:-5]
+        lines += ["", f"## {name}: {len(cases)} cases", ""]
+        targeted = [b for b in cases if "target_ms" in b["extra_info"]]
+        if targeted:
+            lines += ["| case | time ms | floor ms | target ms | |", "|---|---|---|---|---|"]
+            for b in targeted:
+                i = b["extra_info"]
+                ok = "met" if i["time_ms"] <= i["target_ms"] else f"missed by {i['time_ms'] / i['target_ms']:.2f}x"
+                lines.append(f"| {b['name']} | {i['time_ms']:.4f} | {i.get('floor_ms', float('nan')):.4f} | {i['target_ms']} | {ok} |")
+        worst = sorted(cases, key=lambda b: b["extra_info"]["time_ms"] / max(b["extra_info"].get("floor_ms", 0) or 1e-12, 1e-12))
+        floor_ratios = [b["extra_info"]["time_ms"] / b["extra_info"]["floor_ms"] for b in cases if b["extra_info"].get("floor_ms")]
+        if floor_ratios:
+            floor_ratios.sort()
+            mid = floor_ratios[len(floor_ratios) // 2]
+            lines.append(f"\ntime / floor: best {floor_ratios[0]:.2f}x, median {mid:.2f}x, worst {floor_ratios[-1]:.2f}x ({worst[-1]['name']})")
+    return lines
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python bench/summarize.py OUTDIR", file=sys.stderr)
+        return 2
+    outdir = argv[0]
+    lines = ["# GPU suite summary", ""]
+    env = _read(os.path.join(outdir, "env.txt"))
+    if env:
+        lines += ["```", env.strip(), "```"]
+    steps = _read(os.path.join(outdir, "steps.tsv"))
+    if steps:
+        lines += ["", "| step | status | time |", "|---|---|---|"]
+        lines += ["| " + " | ".join(line.split("\t")) + " |" for line in steps.strip().splitlines()]
+    e2e = _read(os.path.join(outdir, "e2e.json"))
+    if e2e:
+        lines += [""] + e2e_lines(e2e)
+    lines += kernel_lines(outdir)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
