@@ -132,14 +132,17 @@ cudaError_t plan_grouped_linear(const GroupedLinearProblem& pr, int num_sms, Gro
   p.decode_groups = (direct && pr.T <= 8) ? 1 : 2;
   p.decode_slots = static_cast<int>(direct ? std::min(pr.M, pr.T) : pr.M);
 
-  // Split-K: the grid must fill the GPU even when a single member was chosen, so aim at >= 2 blocks
-  // per SM for one member; each warp keeps >= kDecodeUnroll k-blocks per split.
+  // Split-K: a decode block keeps ~32 KB of weight loads in flight, so about one block per SM
+  // saturates HBM. When even a single chosen member would leave more than half of the SMs idle,
+  // split K to reach >= one block per SM (each warp keeps >= one unrolled step per split). Without
+  // split-K there is no counter memset and no partial traffic, so it is used only when needed.
   const int64_t kblocks = ceil_div(row_bytes, kernels::kKBlockBytes);
   const int64_t n_tiles = ceil_div(pr.N, kernels::kDecodeTileN);
+  const int64_t unroll = es == 4 ? kernels::decode_unroll<float>() : kernels::decode_unroll<__nv_bfloat16>();
   int64_t splits = 1;
-  if (n_tiles > 0 && n_tiles < num_sms && kblocks > 0) {
-    const int64_t wanted = ceil_div(2 * int64_t{num_sms}, n_tiles);
-    const int64_t by_k = std::max<int64_t>(1, kblocks / (kernels::kDecodeWarps * kernels::kDecodeUnroll));
+  if (n_tiles > 0 && 2 * n_tiles < num_sms && kblocks > 0) {
+    const int64_t wanted = ceil_div(int64_t{num_sms}, n_tiles);
+    const int64_t by_k = std::max<int64_t>(1, kblocks / (kernels::kDecodeWarps * unroll));
     splits = std::min<int64_t>({kernels::kDecodeMaxSplits, wanted, by_k});
   }
   if (splits > 1 && splits * pr.T * pr.N * 4 > kMaxPartialBytes) splits = 1;

@@ -19,10 +19,12 @@
 //      mma_sm80.cuh), weights with an evict-first hint. x chunks (at most 16 rows x K, shared by all
 //      blocks) come from L1/L2; each one feeds 32 weight rows, so x traffic is <= 1/2 of the weight
 //      traffic and never reaches DRAM twice.
-//    * Bytes in flight: a thread issues 2 k-blocks x 4 weight rows x 16 B = 128 B of weight loads
-//      before using them (16 KB per block). Covering HBM latency needs ~3.35 TB/s x ~0.7 us ~ 2.3 MB
-//      in flight, i.e. >= 1 such block per SM; split-K raises the grid to >= 2 blocks per SM for a
-//      single member when N is small: grid = ceil(N/32) x k_splits x slots.
+//    * Bytes in flight: a thread issues 4 k-blocks x 4 weight rows x 16 B = 256 B of weight loads
+//      before the first MMA uses them (32 KB per block; __launch_bounds__(128, 1) keeps ptxas from
+//      trading these registers for occupancy by sinking loads next to their MMAs). Covering HBM
+//      latency needs ~3.35 TB/s x ~0.7 us ~ 2.3 MB in flight, i.e. about one such block per SM;
+//      when N is small (ceil(N/32) < SMs / 2), split-K raises the grid to >= one block per SM for
+//      a single chosen member: grid = ceil(N/32) x k_splits x slots.
 //    * Split-K reduction: each split writes fp32 partials [split, t, n]; the last block of a tile to
 //      arrive (atomic counter) sums the splits in split order (deterministic), adds the bias and
 //      stores. Partials are 4 * k_splits * T * N bytes (<= a few % of the weight bytes).
@@ -40,9 +42,12 @@
 //      BN = 128, 4 for BN = 64; <= 48 KB static shared memory, so no opt-in attribute and nothing
 //      to set during graph capture). Rows of the x tile are gathered through `order` by cp.async
 //      with zero fill for padding rows / past-K chunks.
-//    * Fragments come from shared memory with one ld.shared.v4 per row chunk (rows are 64 B apart:
-//      conflict free). Per warp and k-block: 4 + BN/16 loads of 16 B feed 2 x BN/16 x 2 MMAs
-//      (bf16: 32 m16n8k16 for BN = 128, i.e. ~21 FLOP per byte of shared-memory traffic).
+//    * Shared-memory rows are 64 B with the 16-byte chunks XOR-swizzled by (row / 2) % 4, so the
+//      cp.async writes and the fragment reads are bank-conflict free. bf16/fp16 fragments come
+//      from ldmatrix.x4 (ready-made MMA operands, no register shuffles): per warp and k-block,
+//      4 + BN/16 ldmatrix feed 2 x BN/16 x 2 MMAs m16n8k16 (32 for BN = 128: 128 KFLOP per 6 KB
+//      of shared-memory reads, ~21 FLOP/B). fp32 uses 16-byte ld.shared in the permuted k order of
+//      mma_sm80.cuh and 3xTF32 MMAs.
 //    * BM = 64 keeps the padding per member below 64 rows (at T = 512, M = 4, ~128 rows/member: a
 //      128-row tile would waste up to half of the MMAs).
 //    * Grid: x = row tiles, sized from T and M only: ceil(T/64) + min(M, T/17) >= sum over members
@@ -81,7 +86,12 @@ constexpr int kDecodeMaxRows = 16;  // rows of one member handled by the decode 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
 constexpr int kDecodeTileN = 32;  // weight rows per block: two 16-row MMA tiles
-constexpr int kDecodeUnroll = 2;  // k-blocks per warp whose loads are issued together
+// k-blocks per warp whose loads are all issued before the first MMA uses them (256 B of weights
+// per thread in flight; fp32 needs twice the registers per operand for the 3xTF32 split).
+template <typename T>
+constexpr int decode_unroll() {
+  return sizeof(T) == 4 ? 2 : 4;
+}
 constexpr int kDecodeMaxSplits = 8;
 
 struct DecodeParams {
@@ -103,11 +113,11 @@ struct DecodeParams {
 // kGroups: 8-row groups of x (1 when every member has <= 8 rows). kDirect: group the <= 16 rows
 // in the kernel from `members` (T <= 16); else read order/offsets. kVec: 16-byte aligned rows.
 template <typename T, int kGroups, bool kDirect, bool kVec>
-__global__ void __launch_bounds__(kDecodeThreads)
+__global__ void __launch_bounds__(kDecodeThreads, 1)
     grouped_linear_decode_kernel(const DecodeParams p) {
   static_assert(kGroups == 1 || kGroups == 2, "at most 16 rows per member");
   using Ops = MmaOps<T>;
-  using Frag = typename Ops::Frag;
+  constexpr int kUnroll = decode_unroll<T>();
 
   __shared__ int32_t s_rows[kDecodeMaxRows];
   __shared__ int32_t s_count;
@@ -227,12 +237,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
 
-  for (int kb = kb_begin + warp; kb < kb_end; kb += kDecodeWarps * kDecodeUnroll) {
-    uint4 wv[kDecodeUnroll][2][2];
-    uint4 xv[kDecodeUnroll][kGroups];
+  for (int kb = kb_begin + warp; kb < kb_end; kb += kDecodeWarps * kUnroll) {
+    uint4 wv[kUnroll][2][2];
+    uint4 xv[kUnroll][kGroups];
     // All loads of the unrolled k-blocks first, so they are in flight together.
 #pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       const int kbu = kb + u * kDecodeWarps;
       const bool in_k = kbu < kb_end;
       const int64_t off = static_cast<int64_t>(kbu) * kKBlockBytes + 16 * q;
@@ -246,16 +256,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
         xv[u][j] = (in_k && x_ok[j]) ? load_chunk<T, kVec, false>(x_row[j], off, row_bytes) : zero_chunk();
     }
 #pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) {
-      Frag b[kGroups];
+    for (int u = 0; u < kUnroll; ++u) {
+      typename Ops::B b[kGroups];
 #pragma unroll
-      for (int j = 0; j < kGroups; ++j) b[j] = Ops::prepare(xv[u][j]);
+      for (int j = 0; j < kGroups; ++j) b[j] = Ops::make_b(xv[u][j]);
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const Frag lo = Ops::prepare(wv[u][i][0]);
-        const Frag hi = Ops::prepare(wv[u][i][1]);
+        const typename Ops::A a = Ops::make_a(wv[u][i][0], wv[u][i][1]);
 #pragma unroll
-        for (int j = 0; j < kGroups; ++j) Ops::mma_kblock(acc[i][j], lo, hi, b[j]);
+        for (int j = 0; j < kGroups; ++j) Ops::mma_kblock(acc[i][j], a, b[j]);
       }
     }
   }
@@ -350,7 +359,6 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     grouped_linear_chunk_kernel(const ChunkParams p) {
   using Cfg = ChunkConfig<kBN>;
   using Ops = MmaOps<T>;
-  using Frag = typename Ops::Frag;
   constexpr int kStages = Cfg::kStages;
 
   __shared__ __align__(128) uint8_t s_a[kStages][kChunkBM * kKBlockBytes];
@@ -439,7 +447,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     const int64_t off = static_cast<int64_t>(kb) * kKBlockBytes + 16 * part;
 #pragma unroll
     for (int c = 0; c < Cfg::kAChunks; ++c) {
-      uint8_t* dst = &s_a[stage][((tid >> 2) + 32 * c) * kKBlockBytes + 16 * part];
+      uint8_t* dst = &s_a[stage][swizzled_offset((tid >> 2) + 32 * c, part)];
       if constexpr (kVec) {
         const bool ok = a_ok[c] && off < row_bytes;
         cp_async_16(dst, ok ? a_src[c] + off : x_base, ok ? 16 : 0);
@@ -449,7 +457,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     }
 #pragma unroll
     for (int c = 0; c < Cfg::kBChunks; ++c) {
-      uint8_t* dst = &s_b[stage][((tid >> 2) + 32 * c) * kKBlockBytes + 16 * part];
+      uint8_t* dst = &s_b[stage][swizzled_offset((tid >> 2) + 32 * c, part)];
       if constexpr (kVec) {
         const bool ok = b_ok[c] && off < row_bytes;
         cp_async_16(dst, ok ? b_src[c] + off : w_member, ok ? 16 : 0);
@@ -489,18 +497,43 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
 
     const uint8_t* sa = s_a[kb % kStages];
     const uint8_t* sb = s_b[kb % kStages];
-    Frag a_lo[2], a_hi[2];
+    if constexpr (sizeof(T) == 2) {
+      // bf16 / fp16: ldmatrix builds the MMA fragments directly (standard k order).
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = 32 * warp_m + 16 * i + g;
-      a_lo[i] = Ops::prepare(lds128(sa + r * kKBlockBytes + 16 * q));
-      a_hi[i] = Ops::prepare(lds128(sa + (r + 8) * kKBlockBytes + 16 * q));
-    }
+      for (int s = 0; s < 2; ++s) {  // k16 steps: chunks 2s and 2s + 1 of the k-block
+        uint32_t a[2][4];
 #pragma unroll
-    for (int j = 0; j < Cfg::kNTiles; ++j) {
-      const Frag b = Ops::prepare(lds128(sb + (Cfg::kWarpN * warp_n + 8 * j + g) * kKBlockBytes + 16 * q));
+        for (int i = 0; i < 2; ++i) {  // matrices: rows 0-7 / 8-15 (lane bit 3) x k lo / hi (lane bit 4)
+          const int row = 32 * warp_m + 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1);
+          ldmatrix_x4(a[i], sa + swizzled_offset(row, 2 * s + (lane >> 4)));
+        }
 #pragma unroll
-      for (int i = 0; i < 2; ++i) Ops::mma_kblock(acc[i][j], a_lo[i], a_hi[i], b);
+        for (int jj = 0; jj < Cfg::kNTiles / 2; ++jj) {  // two 8-column tiles per ldmatrix
+          // matrices: tile 2jj k lo, tile 2jj k hi, tile 2jj+1 k lo, tile 2jj+1 k hi
+          const int row = Cfg::kWarpN * warp_n + 16 * jj + (lane & 7) + 8 * (lane >> 4);
+          uint32_t b[4];
+          ldmatrix_x4(b, sb + swizzled_offset(row, 2 * s + ((lane >> 3) & 1)));
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            Ops::mma_k16(acc[i][2 * jj], a[i], b[0], b[1]);
+            Ops::mma_k16(acc[i][2 * jj + 1], a[i], b[2], b[3]);
+          }
+        }
+      }
+    } else {
+      // fp32: 16-byte loads in the permuted k order of mma_sm80.cuh, split for 3xTF32.
+      typename Ops::A a[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = 32 * warp_m + 16 * i + g;
+        a[i] = Ops::make_a(lds128(sa + swizzled_offset(r, q)), lds128(sa + swizzled_offset(r + 8, q)));
+      }
+#pragma unroll
+      for (int j = 0; j < Cfg::kNTiles; ++j) {
+        const typename Ops::B b = Ops::make_b(lds128(sb + swizzled_offset(Cfg::kWarpN * warp_n + 8 * j + g, q)));
+#pragma unroll
+        for (int i = 0; i < 2; ++i) Ops::mma_kblock(acc[i][j], a[i], b);
+      }
     }
   }
   cp_async_wait<0>();

@@ -137,6 +137,24 @@ __device__ __forceinline__ void sts128(void* smem_ptr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
 }
 
+// ldmatrix .x4: lanes 8j..8j+7 give the row addresses (16 contiguous bytes each) of 8x8 b16
+// matrix j; register j of lane 4g + q receives elements (row g, columns 2q, 2q+1) of matrix j,
+// which is exactly the mma.m16n8k16 fragment of that 8x8 block.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Shared-memory tiles hold rows of one 64-byte k-block (four 16-byte chunks). Chunk c of row r is
+// stored at chunk c ^ ((r >> 1) & 3): any 8 consecutive rows at one chunk (an ldmatrix phase), and
+// 2 consecutive rows x 4 chunks (a quarter-warp of 16-byte loads or cp.async writes), then fall in
+// 8 distinct 16-byte bank groups, i.e. no bank conflicts.
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
+  return row * kKBlockBytes + 16 * (chunk ^ ((row >> 1) & 3));
+}
+
 // 16-byte asynchronous global->shared copy; src_bytes = 0 writes 16 zero bytes without reading
 // (the source address must still be a valid global address).
 __device__ __forceinline__ void cp_async_16(void* smem_ptr, const void* gmem_ptr, int src_bytes) {
@@ -186,66 +204,88 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   return r;
 }
 
-// MmaOps<T>: Frag is one thread's 16-byte chunk of a row, prepared for the MMA; mma_kblock adds
-// (16 rows: lo = row g, hi = row g+8) x (8 columns: b = column g) over one 64-byte k-block.
+// MmaOps<T>: make_a builds the A fragment of a 16-row tile from the thread's 16-byte chunks of
+// rows g ("lo") and g + 8 ("hi"); make_b the B fragment of an 8-column tile from its chunk of
+// column g; mma_kblock adds the product over one 64-byte k-block. Fragments are built once per
+// k-block and reused across tiles (the A quads interleave two rows, so building them costs moves).
 template <typename T>
 struct MmaOps;
 
-template <>
-struct MmaOps<__nv_bfloat16> {
-  struct Frag {
-    uint32_t v[4];
-  };
-  __device__ __forceinline__ static Frag prepare(uint4 c) { return Frag{{c.x, c.y, c.z, c.w}}; }
-  __device__ __forceinline__ static void mma_kblock(float (&d)[4], const Frag& lo, const Frag& hi, const Frag& b) {
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      mma_m16n8k16_bf16(d, lo.v[2 * s], hi.v[2 * s], lo.v[2 * s + 1], hi.v[2 * s + 1], b.v[2 * s], b.v[2 * s + 1]);
+// bf16 / fp16: step s (k16) uses registers 2s and 2s+1 of each chunk.
+template <typename T, bool kBf16>
+struct MmaOps16 {
+  // One k16 step with ready-made fragments (e.g. from ldmatrix): a = A quad, b0/b1 = B pair.
+  __device__ __forceinline__ static void mma_k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (kBf16) {
+      mma_m16n8k16_bf16(d, a[0], a[1], a[2], a[3], b0, b1);
+    } else {
+      mma_m16n8k16_f16(d, a[0], a[1], a[2], a[3], b0, b1);
     }
+  }
+  struct A {
+    uint32_t q[2][4];
+  };
+  struct B {
+    uint32_t q[2][2];
+  };
+  __device__ __forceinline__ static A make_a(uint4 lo, uint4 hi) {
+    return A{{{lo.x, hi.x, lo.y, hi.y}, {lo.z, hi.z, lo.w, hi.w}}};
+  }
+  __device__ __forceinline__ static B make_b(uint4 c) { return B{{{c.x, c.y}, {c.z, c.w}}}; }
+  __device__ __forceinline__ static void mma_kblock(float (&d)[4], const A& a, const B& b) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) mma_k16(d, a.q[s], b.q[s][0], b.q[s][1]);
   }
 };
 
 template <>
-struct MmaOps<__half> {
-  struct Frag {
-    uint32_t v[4];
-  };
-  __device__ __forceinline__ static Frag prepare(uint4 c) { return Frag{{c.x, c.y, c.z, c.w}}; }
-  __device__ __forceinline__ static void mma_kblock(float (&d)[4], const Frag& lo, const Frag& hi, const Frag& b) {
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      mma_m16n8k16_f16(d, lo.v[2 * s], hi.v[2 * s], lo.v[2 * s + 1], hi.v[2 * s + 1], b.v[2 * s], b.v[2 * s + 1]);
-    }
-  }
-};
+struct MmaOps<__nv_bfloat16> : MmaOps16<__nv_bfloat16, true> {};
+template <>
+struct MmaOps<__half> : MmaOps16<__half, false> {};
 
+// fp32 as 3xTF32: step s (k8) uses elements 2s and 2s+1 of each chunk, split into big + small.
 template <>
 struct MmaOps<float> {
-  struct Frag {
-    uint32_t big[4];
-    uint32_t small[4];
+  struct A {
+    uint32_t big[2][4];
+    uint32_t small[2][4];
   };
-  __device__ __forceinline__ static Frag prepare(uint4 c) {
-    const uint32_t raw[4] = {c.x, c.y, c.z, c.w};
-    Frag f;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float v = __uint_as_float(raw[e]);
-      f.big[e] = to_tf32(v);
-      const float rest = v - __uint_as_float(f.big[e]);
-      // inf - inf would poison the small part; a non-finite value keeps only its big part.
-      f.small[e] = isfinite(rest) ? to_tf32(rest) : 0u;
-    }
-    return f;
+  struct B {
+    uint32_t big[2][2];
+    uint32_t small[2][2];
+  };
+  __device__ __forceinline__ static void split(uint32_t bits, uint32_t& big, uint32_t& small) {
+    const float v = __uint_as_float(bits);
+    big = to_tf32(v);
+    const float rest = v - __uint_as_float(big);
+    // inf - inf would poison the small part; a non-finite value keeps only its big part.
+    small = isfinite(rest) ? to_tf32(rest) : 0u;
   }
-  __device__ __forceinline__ static void mma_kblock(float (&d)[4], const Frag& lo, const Frag& hi, const Frag& b) {
+  __device__ __forceinline__ static A make_a(uint4 lo, uint4 hi) {
+    const uint32_t quads[2][4] = {{lo.x, hi.x, lo.y, hi.y}, {lo.z, hi.z, lo.w, hi.w}};
+    A a;
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) split(quads[s][r], a.big[s][r], a.small[s][r]);
+    return a;
+  }
+  __device__ __forceinline__ static B make_b(uint4 c) {
+    const uint32_t pairs[2][2] = {{c.x, c.y}, {c.z, c.w}};
+    B b;
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) split(pairs[s][r], b.big[s][r], b.small[s][r]);
+    return b;
+  }
+  __device__ __forceinline__ static void mma_kblock(float (&d)[4], const A& a, const B& b) {
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      const int e0 = 2 * s, e1 = 2 * s + 1;
       // Small terms first: they are the least significant.
-      mma_m16n8k8_tf32(d, lo.small[e0], hi.small[e0], lo.small[e1], hi.small[e1], b.big[e0], b.big[e1]);
-      mma_m16n8k8_tf32(d, lo.big[e0], hi.big[e0], lo.big[e1], hi.big[e1], b.small[e0], b.small[e1]);
-      mma_m16n8k8_tf32(d, lo.big[e0], hi.big[e0], lo.big[e1], hi.big[e1], b.big[e0], b.big[e1]);
+      mma_m16n8k8_tf32(d, a.small[s][0], a.small[s][1], a.small[s][2], a.small[s][3], b.big[s][0], b.big[s][1]);
+      mma_m16n8k8_tf32(d, a.big[s][0], a.big[s][1], a.big[s][2], a.big[s][3], b.small[s][0], b.small[s][1]);
+      mma_m16n8k8_tf32(d, a.big[s][0], a.big[s][1], a.big[s][2], a.big[s][3], b.big[s][0], b.big[s][1]);
     }
   }
 };
