@@ -1,8 +1,8 @@
 """Grouped ops of the compiled extension (issue 4): torch.ops.me.group_rows / grouped_linear.
 
 Every result is compared with an independent fp64 oracle (per-member torch.matmul) on fresh random
-inputs, with a tolerance derived from the dtype: output rounding (unit roundoff of the dtype times
-|out|) plus fp32 accumulation error (a multiple of sum_k |x_k w_k|). CPU cases run the C++ ops;
+inputs, with a tolerance derived from the dtype and K: output rounding (unit roundoff of the dtype
+times |out|) plus the fp32 accumulation error bound (K fp32 ulps of sum_k |x_k w_k|). CPU cases run the C++ ops;
 the same cases run the CUDA kernels on a GPU (marker `gpu`), plus the CUDA-only behaviour: NaN rows
 for out-of-range ids, CUDA-graph capture and replay with a changed routing, no host sync, the
 decode / chunk path boundary, split-K and unaligned layouts.
@@ -18,13 +18,17 @@ import me_kernels
 from me_kernels import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (output rounding, accumulation error per unit of sum |x||w|). bf16/fp16 products are exact in
-# fp32; fp32 on CUDA is 3xTF32 (~2^-21 per product), on the CPU an fp32 GEMM.
-TOLERANCES = {
-    torch.float32: (2e-6, 2e-5),
-    torch.bfloat16: (2.0**-8, 2e-4),
-    torch.float16: (2.0**-10, 2e-4),
-}
+# Output rounding: unit roundoff of the dtype (relative to |out|).
+OUT_EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def acc_eps(dtype, K):
+    """Error of the fp32 accumulation per unit of sum_k |x_k w_k|: K additions of at most one fp32
+    ulp each (tensor-core accumulation may truncate), plus, for fp32 inputs on CUDA, the 3xTF32
+    split (~3 * 2^-22 per product). bf16 / fp16 products are exact in fp32."""
+    return (K + 32) * 2.0**-23 + (2.0**-19 if dtype == torch.float32 else 0.0)
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DECODE_MAX_ROWS = 16  # csrc/launchers.h kGroupedLinearDecodeMaxRows
 
@@ -72,11 +76,10 @@ def oracle(x, members, weight, bias):
 def assert_matches_oracle(got, x, members, weight, bias):
     assert got.dtype == x.dtype and got.shape == (x.shape[0], weight.shape[1])
     ref, scale = oracle(x, members, weight, bias)
-    out_eps, acc_eps = TOLERANCES[x.dtype]
     g = got.double()
     valid = ~torch.isnan(ref)
     err = (g - ref).abs()
-    tol = out_eps * ref.abs() + acc_eps * scale + 1e-30
+    tol = OUT_EPS[x.dtype] * ref.abs() + acc_eps(x.dtype, x.shape[1]) * scale + 1e-30
     bad = valid & ~(err <= tol)
     assert not bool(bad.any()), (
         f"{int(bad.sum())} of {int(valid.sum())} outputs off; worst err {float(err[valid].max())} "
@@ -206,6 +209,37 @@ def test_all_rows_on_one_member_others_unread(device, dtype, T):
     out = run(x, members, weight, b)
     assert bool(torch.isfinite(out).all())
     assert_matches_oracle(out, x, members, weight, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [3, 40])
+def test_accumulates_in_fp32(device, dtype, T):
+    # 4096 ones sum to 4096 exactly in fp32; a bf16 / fp16 accumulator would stop at 256 / 2048.
+    K = 4096
+    x = torch.ones(T, K, dtype=dtype, device=device)
+    weight = torch.ones(2, 8, K, dtype=dtype, device=device)
+    bias = torch.full((2, 8), 0.5, dtype=dtype, device=device)
+    members = (torch.arange(T) % 2).to(torch.int32).to(device)
+    assert bool((run(x, members, weight, None) == 4096).all())
+    expected = torch.tensor(4096.5).to(dtype).item()  # one rounding of the fp32 sum + bias
+    assert bool((run(x, members, weight, bias) == expected).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bias_is_added_before_the_single_rounding(device, dtype):
+    # Each member's bias cancels its row's product: rounding the product to the dtype before
+    # adding the bias would leave an error of ~ulp(product), far above the tolerance. Positive
+    # inputs make |product| = sum |x w|, the scale of the accumulation tolerance.
+    M = 6
+    members = torch.randperm(M, generator=torch.Generator().manual_seed(3)).to(torch.int32)
+    x, members, weight, _ = make_problem(M, 256, 16, M, dtype, device, bias=False, members=members)
+    x, weight = x.abs(), weight.abs()
+    prod = torch.einsum("tk,tnk->tn", x.double(), weight[members.long()].double())
+    bias = torch.empty(M, 16, dtype=dtype, device=device)
+    bias[members.long()] = (-prod).to(dtype)
+    assert_matches_oracle(run(x, members, weight, bias), x, members, weight, bias)
 
 
 @pytest.mark.parametrize("device", DEVICES)
