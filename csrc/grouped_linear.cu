@@ -150,10 +150,11 @@ cudaError_t plan_grouped_linear(const GroupedLinearProblem& pr, int num_sms, Gro
   p.k_splits = per_split == 0 ? 1 : static_cast<int>(ceil_div(kblocks, per_split));  // no empty split
   p.kblocks_per_split = static_cast<int>(per_split);
 
-  // Chunk column tile: 128 when (roughly) the real row tiles x column tiles fill 2 blocks per SM.
+  // Chunk column tile: 128 (more MMAs per shared-memory byte) when the row tiles x 128-column tiles
+  // give at least one block per SM (up to 3 such blocks fit on an SM), else 64 to fill the GPU.
   if (!direct) {
     const int64_t wide_blocks = ceil_div(pr.T, kernels::kChunkBM) * ceil_div(pr.N, 128);
-    p.chunk_bn = wide_blocks >= 2 * int64_t{num_sms} ? 128 : 64;
+    p.chunk_bn = wide_blocks >= int64_t{num_sms} ? 128 : 64;
   }
 
   size_t off = 0;

@@ -394,19 +394,20 @@ def test_opcheck(device, T, bias):
 # CUDA paths
 # ---------------------------------------------------------------------------------------------
 
-# Shapes chosen so that, on any GPU with <= 264 SMs, the planner (csrc/grouped_linear.cu) takes:
-#   direct decode with split-K (small N), direct decode without split-K (N >= 32 * SMs),
-#   decode + chunk with 64-column tiles, and chunk with 128-column tiles (>= 2 blocks per SM).
+# Shapes chosen so that, on any GPU with 32..264 SMs, the planner (csrc/grouped_linear.cu) takes:
+#   direct decode with split-K (N / 32 < SMs / 2), direct decode without split-K, decode + chunk
+#   with 64-column tiles, chunk with 128-column tiles (row tiles x N / 128 >= SMs), and, for fp32,
+#   split-K in the group_rows (T > 16) mode.
 CUDA_CASES = [  # T, K, N, M, routing
     (1, 4096, 256, 4, "random"),  # T = 1, split-K
     (3, 1000, 200, 3, "random"),  # partial last k-block, N tail
-    (8, 512, 8480, 2, "random"),  # one 8-row group, no split-K (N / 32 > SMs)
+    (8, 512, 8480, 2, "random"),  # one 8-row group, no split-K (N / 32 >= SMs / 2)
     (9, 256, 96, 2, "random"),  # two 8-row groups
     (16, 1536, 1536, 4, "one"),  # 16 rows on one member: the largest decode tile
     (16, 2048, 128, 20, "random"),  # more members than rows: slots = T
     (17, 256, 136, 2, "16+1"),  # path boundary: 16 rows decode, 1 row decode
     (33, 320, 72, 2, "16+17"),  # 16 rows decode, 17 rows chunk
-    (300, 512, 392, 5, "random"),  # mostly chunk, 64-column tiles
+    (300, 512, 392, 5, "random"),  # mostly chunk, 64-column tiles (fp32: split-K decode launch)
     (1030, 128, 8448, 2, "skewed"),  # chunk with 128-column tiles, one small decode member
 ]
 

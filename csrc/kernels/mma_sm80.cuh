@@ -27,6 +27,9 @@
 //   C (16 x 8): c0, c1 -> row g, columns 2q, 2q+1; c2, c3 -> row g+8, columns 2q, 2q+1.
 // So an A fragment is built from two rows' 16-byte chunks ("lo" = row g, "hi" = row g+8) and a B
 // fragment from one row's chunk (B is stored N x K, i.e. "col" layout, which is what .row.col wants).
+// The decode kernel (operands straight from global memory) and the fp32 chunk path use this
+// permuted order; the bf16/fp16 chunk path uses ldmatrix from shared memory, which yields the
+// instruction's own (contiguous) k order for both operands. Each kernel uses one order for A and B.
 //
 // fp32 inputs use 3xTF32: v = big + small with big = tf32(v), small = tf32(v - big), and
 // a*b ~= a_small*b_big + a_big*b_small + a_big*b_big. The dropped term and the rounding of the small
