@@ -1,4 +1,8 @@
-"""Public wrappers of the compiled grouped ops (torch.ops.me.group_rows / grouped_linear)."""
+"""Public wrappers of the compiled grouped ops (torch.ops.me.group_rows / grouped_linear).
+
+The ops live in csrc/ (me_kernels._C, see csrc/README.md): CUDA kernels on CUDA tensors, C++ on CPU
+tensors, torch reference fallbacks (me_kernels.reference) when the extension is not built.
+"""
 from __future__ import annotations
 
 import torch
@@ -43,8 +47,13 @@ def grouped_linear(
         bias: [M, N] or None.
     Returns:
         [T, N] in x's dtype, accumulated in fp32. On CUDA no host synchronisation happens, so the
-        call can be captured in a CUDA graph; out-of-range ids yield NaN rows there (they raise
-        ValueError on the CPU, where checking is free).
+        call can be captured in a CUDA graph and replayed with other member ids; out-of-range ids
+        yield NaN rows there (they raise ValueError on the CPU, where checking is free).
+
+    CUDA: members with <= 16 rows take a memory-bound decode path (each chosen member's weights are
+    read once), members with more rows a tensor-core GEMM path; members no row chose are not read.
+    fp32 runs on tensor cores as 3xTF32 (error close to fp32 FMA, not bit-identical). A weight or
+    bias that is not contiguous, or an x whose rows are not contiguous, is copied once per call.
     """
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
