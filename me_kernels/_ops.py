@@ -60,12 +60,23 @@ if not EXTENSION_LOADED:
     _lib.define("group_rows(Tensor members, int num_members) -> (Tensor order, Tensor offsets)")
     _lib.define("grouped_linear(Tensor x, Tensor members, Tensor weight, Tensor? bias=None) -> Tensor")
 
+    def _check_cpu_ids(members, num_members, op):
+        # Like the compiled CPU op: reading a CPU tensor costs no sync, so bad ids raise. (On
+        # CUDA nothing is checked on the host; such rows come out last / as NaN.)
+        if members.device.type == "cpu" and members.numel():
+            bad = (members < 0) | (members >= num_members)
+            if bool(bad.any()):
+                t = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{op}: members[{t}] = {int(members[t])} is outside [0, num_members={num_members})")
+
     def _group_rows_fallback(members, num_members):
         warn_fallback_once()
+        _check_cpu_ids(members, num_members, "group_rows")
         return reference.group_rows_reference(members, num_members)
 
     def _grouped_linear_fallback(x, members, weight, bias=None):
         warn_fallback_once()
+        _check_cpu_ids(members, weight.shape[0], "grouped_linear")
         return reference.grouped_linear_reference(x, members, weight, bias)
 
     _lib.impl("group_rows", _group_rows_fallback, "CompositeExplicitAutograd")

@@ -46,6 +46,11 @@ def test_fallback_imports_and_warns_once():
             for _ in range(3):
                 out = me_kernels.grouped_linear(x, m, w)
                 order, offsets = me_kernels.group_rows(m, 2)
+        try:
+            me_kernels.grouped_linear(x, torch.tensor([0, 2, 1], dtype=torch.int32), w)
+            raise AssertionError("out-of-range member id accepted on CPU")
+        except ValueError as err:
+            assert "members[1] = 2" in str(err), err
         ref = torch.stack([x[i] @ w[int(m[i])].T for i in range(3)])
         assert torch.allclose(out, ref, atol=1e-5)
         assert order.tolist() == [1, 0, 2] and offsets.tolist() == [0, 1, 3]
