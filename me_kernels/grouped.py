@@ -17,6 +17,14 @@ def _as_member_ids(members: torch.Tensor, name: str = "members") -> torch.Tensor
         raise TypeError(f"{name} must be a torch.Tensor of member ids, got {type(members).__name__}")
     if members.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 (or int64), got {members.dtype}")
+    if members.dtype == torch.int64:
+        # A plain cast would wrap ids beyond int32 into valid-looking ones (2**32 -> 0). Map them
+        # to -1 first, which the ops reject (CPU) or turn into NaN rows (CUDA), without a sync.
+        fits = (members >= 0) & (members <= torch.iinfo(torch.int32).max)
+        if members.device.type == "cpu" and members.numel() and not bool(fits.all()):
+            t = int((~fits).nonzero()[0, 0])
+            raise ValueError(f"{name}[{t}] = {int(members[t])} is not a valid member id")
+        members = torch.where(fits, members, -1)
     return members.to(torch.int32)
 
 

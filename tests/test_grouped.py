@@ -305,6 +305,25 @@ def test_int64_member_ids_are_accepted_by_the_wrapper(device):
     torch.testing.assert_close(run(x, members.long(), weight, b), run(x, members, weight, b), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [2**32, -(2**32), 2**32 + 2, 2**40])
+def test_int64_ids_beyond_int32_are_not_wrapped_into_valid_ids(device, bad):
+    # A plain cast would turn 2**32 into member 0: such ids must be rejected (CPU) or give NaN (CUDA).
+    x, members, weight, b = make_problem(6, 16, 8, 3, torch.float32, device)
+    ids = members.long()
+    ids[2] = bad
+    if device == "cpu":
+        with pytest.raises(ValueError, match="members\\[2\\]"):
+            me_kernels.grouped_linear(x, ids, weight, b)
+        with pytest.raises(ValueError, match="members\\[2\\]"):
+            me_kernels.group_rows(ids, 3)
+    else:
+        out = run(x, ids, weight, b)
+        assert bool(torch.isnan(out[2]).all()) and bool(torch.isfinite(out[[0, 1, 3, 4, 5]]).all())
+        order, offsets = me_kernels.group_rows(ids, 3)
+        assert int(offsets[-1]) == 5 and int(order[-1]) == 2
+
+
 def test_reference_matches_oracle_and_marks_invalid_rows():
     x, _, weight, b = make_problem(6, 20, 12, 3, torch.float32, "cpu")
     members = torch.tensor([0, 2, -1, 1, 3, 2], dtype=torch.int32)
@@ -409,6 +428,8 @@ CUDA_CASES = [  # T, K, N, M, routing
     (33, 320, 72, 2, "16+17"),  # 16 rows decode, 17 rows chunk
     (300, 512, 392, 5, "random"),  # mostly chunk, 64-column tiles (fp32: split-K decode launch)
     (1030, 128, 8448, 2, "skewed"),  # chunk with 128-column tiles, one small decode member
+    (700, 128, 96, 40, "high"),  # > 32 members: the chunk lookup's warp scan carries across chunks
+    (48, 4096, 64, 2, "random"),  # bf16/fp16 split-K decode in the group_rows (T > 16) mode
 ]
 
 
@@ -419,6 +440,8 @@ def cuda_members(T, M, routing, gen):
         return torch.tensor([0] * 16 + [1], dtype=torch.int32)[torch.randperm(T, generator=gen)]
     if routing == "16+17":
         return torch.tensor([1] * 16 + [0] * 17, dtype=torch.int32)[torch.randperm(T, generator=gen)]
+    if routing == "high":  # rows only on members 32..M-1, several of them chunk-sized
+        return torch.randint(32, M, (T,), generator=gen, dtype=torch.int32)
     if routing == "skewed":
         ids = torch.zeros(T, dtype=torch.int32)
         ids[torch.randperm(T, generator=gen)[:5]] = 1
@@ -451,8 +474,9 @@ def test_cuda_unaligned_rows(dtype, T, K, N):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T", [1, 6, 16, 50])
+@pytest.mark.parametrize("T", [1, 6, 16, 50, 200])
 def test_cuda_out_of_range_ids_give_nan_rows(dtype, T):
+    # T = 200: the valid members are chunk-sized (> 16 rows) next to the bad rows.
     M = 3
     gen = torch.Generator().manual_seed(T)
     members = torch.randint(0, M, (T,), generator=gen, dtype=torch.int32)
