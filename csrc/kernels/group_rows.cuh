@@ -30,9 +30,18 @@ __global__ void __launch_bounds__(kThreads) group_rows_kernel(const int32_t* __r
 
   for (int s = tid; s < S; s += kThreads) cursor[s] = 0;
   __syncthreads();
-  for (int64_t t = tid; t < T; t += kThreads) {
-    const int32_t m = members[t];
-    atomicAdd(&cursor[(m >= 0 && m < M) ? m : M], 1);
+  // Histogram: lanes of a warp with the same member add their count once (a batch has few
+  // members, so per-thread atomics would all contend for the same few counters). The loop runs
+  // whole tiles so every lane takes part in __match_any_sync.
+  for (int64_t tile = 0; tile < T; tile += kThreads) {
+    const int64_t t = tile + tid;
+    int seg = -1;
+    if (t < T) {
+      const int32_t m = members[t];
+      seg = (m >= 0 && m < M) ? m : M;
+    }
+    const unsigned peers = __match_any_sync(0xffffffffu, seg);
+    if (seg >= 0 && lane == __ffs(peers) - 1) atomicAdd(&cursor[seg], __popc(peers));
   }
   __syncthreads();
   if (tid == 0) {
