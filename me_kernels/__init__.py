@@ -7,7 +7,24 @@ else the torch reference path.
 """
 from . import reference
 from ._ops import EXTENSION_LOADED
+from ._random import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
 from .grouped import group_rows, grouped_linear
+from .mixture import mixture_logprobs, mixture_sample
+from .sampling import me_step, sample
+from .selection import select_members
 
-__all__ = ["EXTENSION_LOADED", "group_rows", "grouped_linear", "reference"]
+__all__ = [
+    "EXTENSION_LOADED",
+    "STREAM_MEMBER",
+    "STREAM_MIXTURE",
+    "STREAM_TOKEN",
+    "group_rows",
+    "grouped_linear",
+    "me_step",
+    "mixture_logprobs",
+    "mixture_sample",
+    "reference",
+    "sample",
+    "select_members",
+]
 __version__ = "0.1.0"

@@ -51,3 +51,238 @@ def grouped_linear_reference(
             prod = prod + bias[m].to(torch.float32)
         out = torch.where((ids == m).unsqueeze(1), prod, out)
     return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling, member selection and mixtures (sort-based; the semantics of me_kernels.sampling,
+# me_kernels.selection and me_kernels.mixture)
+# --------------------------------------------------------------------------------------------
+#
+# Semantics shared with the kernels (one row b at a time; every parameter may differ per row):
+#   * x = logits (fp32). A row containing NaN, or whose entries are all -inf, yields -1.
+#     +inf logits are the limit of a logit growing without bound: a row with +inf entries
+#     draws uniformly among them (greedy: the lowest-index one) and the transforms keep that
+#     whole tie class. Implemented by remapping x to 0 on the +inf entries and -inf elsewhere.
+#   * m = max finite x; the temperature-scaled weights are e_i = exp((x_i - m) / T) (computed as
+#     (x_i - m) * (1 / T) in fp32). T = 0 (or 1 / T overflowing) is greedy: the lowest index of
+#     the maximum. T = inf weighs every finite token equally.
+#   * Truncation in Hugging Face's order, each a threshold on x (the kept set is always
+#     {x >= threshold}, so it is index-independent and keeps ties):
+#       top-k (k > 0):  tau_k = k-th largest x (every token tying it is kept; k >= #finite: all);
+#       top-p (p < 1):  over the top-k set, Z_k = sum of e over it, tau_p = the largest value v
+#                       with sum(e_i : x_i >= v) >= p * Z_k (the crossing token and its ties kept);
+#       min-p (mp > 0): keep e_i >= mp (i.e. p_i >= mp * p_max).
+#   * Draw: Gumbel-max over the kept set, argmax_i (x_i - m) / T + G_i, with G_i the Gumbel noise
+#     of element i in the Philox stream of the call (me_kernels._random): bit-identical to what
+#     the kernels draw. Ties of the score resolve to the lowest index.
+#   * Per-row tensor parameters out of range (possible only for device tensors, which are not
+#     read on the host) yield -1 for that row.
+
+
+def _row_values(value, batch: int, device, dtype) -> torch.Tensor:
+    """Python scalar or tensor ([B] or 0-dim) -> tensor [B] of `dtype` on `device`."""
+    if isinstance(value, torch.Tensor):
+        t = value.to(device=device)
+        if t.dim() == 0:
+            t = t.reshape(1).expand(batch)
+        return t.to(dtype)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _row_seeds(value, batch: int, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return _row_values(value, batch, device, torch.int64)
+    v = int(value) & ((1 << 64) - 1)
+    if v >= 1 << 63:
+        v -= 1 << 64
+    return torch.full((batch,), v, dtype=torch.int64, device=device)
+
+
+def _sampling_rows(batch, device, temperature, top_k, top_p, min_p):
+    temp = _row_values(temperature, batch, device, torch.float32)
+    if isinstance(top_k, torch.Tensor):
+        k = top_k.to(device=device).to(torch.int64).clamp(max=(1 << 31) - 1)
+        k = (k.reshape(1).expand(batch) if k.dim() == 0 else k).to(torch.int64)
+    else:
+        k = torch.full((batch,), min(int(top_k), (1 << 31) - 1), dtype=torch.int64, device=device)
+    p = _row_values(top_p, batch, device, torch.float32)
+    mp = _row_values(min_p, batch, device, torch.float32)
+    bad = torch.isnan(temp) | (temp < 0) | (k < 0) | torch.isnan(p) | (p <= 0) | (p > 1)
+    bad |= torch.isnan(mp) | (mp < 0) | (mp > 1)
+    return temp, k, p, mp, bad
+
+
+def _prepare_rows(x: torch.Tensor):
+    """fp32 [B, V] -> (x with +inf remapped and NaN rows blanked, invalid-row mask, has +inf)."""
+    nan_row = torch.isnan(x).any(dim=1)
+    pinf = x == float("inf")
+    has_pinf = pinf.any(dim=1)
+    neg = torch.full_like(x, float("-inf"))
+    x = torch.where(has_pinf[:, None], torch.where(pinf, torch.zeros_like(x), neg), x)
+    x = torch.where(nan_row[:, None], neg, x)
+    no_finite = ~(x > float("-inf")).any(dim=1)
+    return x, nan_row | no_finite, has_pinf
+
+
+def sampling_thresholds_reference(x: torch.Tensor, temperature, top_k, top_p, min_p):
+    """Sort-based truncation thresholds for fp32 logits x [B, V] without NaN or +inf (remap
+    first). Parameters are tensors [B]. Returns a dict with m (row max), inv_t (1 / T), tau_k,
+    tau_p (-inf where the filter is off), z (sum of e), z_k (mass of the top-k set) and kept
+    (bool [B, V], the kept set; for greedy rows every entry equal to the maximum)."""
+    neg = float("-inf")
+    finite = x > neg
+    n_fin = finite.sum(dim=1)
+    m = x.max(dim=1).values
+    m_safe = torch.where(m > neg, m, torch.zeros_like(m))
+    greedy = temperature == 0
+    inv_t = torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature)
+    greedy = greedy | torch.isinf(inv_t)
+    inv_t = torch.where(greedy, torch.ones_like(inv_t), inv_t)
+
+    def weight(v: torch.Tensor) -> torch.Tensor:
+        e = torch.exp((v - m_safe[:, None]) * inv_t[:, None])
+        return torch.where(v > neg, e, torch.zeros_like(e))
+
+    sv = torch.sort(x, dim=1, descending=True).values
+    es = weight(sv)
+    k_eff = torch.where((top_k > 0) & (top_k < n_fin), top_k, torch.zeros_like(top_k))
+    kth = sv.gather(1, (k_eff - 1).clamp(min=0)[:, None])[:, 0]
+    tau_k = torch.where(k_eff > 0, kth, torch.full_like(kth, neg))
+    z = es.sum(dim=1)
+    z_k = torch.where(sv >= tau_k[:, None], es, torch.zeros_like(es)).sum(dim=1)
+    theta = top_p * z_k
+    reach = (torch.cumsum(es, dim=1) >= theta[:, None]) & (sv > neg)
+    first = torch.where(reach.any(dim=1), reach.to(torch.int8).argmax(dim=1), (n_fin - 1).clamp(min=0))
+    tau_p = torch.where(top_p < 1, sv.gather(1, first[:, None])[:, 0], torch.full_like(kth, neg))
+    t_star = torch.maximum(tau_k, tau_p)
+    kept = finite & (x >= t_star[:, None]) & (weight(x) >= min_p[:, None])
+    kept = torch.where(greedy[:, None], finite & (x == m[:, None]), kept)
+    return {"m": m_safe, "inv_t": inv_t, "greedy": greedy, "tau_k": tau_k, "tau_p": tau_p, "z": z,
+            "z_k": z_k, "kept": kept}
+
+
+def kept_mask_reference(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """bool [B, V]: the tokens that `sample` may return for each row (after +inf remapping; all
+    False for a row that yields -1)."""
+    x, invalid, _ = _prepare_rows(logits.to(torch.float32))
+    temp, k, p, mp, bad = _sampling_rows(x.shape[0], x.device, temperature, top_k, top_p, min_p)
+    kept = sampling_thresholds_reference(x, temp.clamp(min=0).nan_to_num(0.0), k.clamp(min=0),
+                                         p.nan_to_num(1.0), mp.nan_to_num(0.0))["kept"]
+    return kept & ~(invalid | bad)[:, None]
+
+
+def _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset, stream):
+    """Shared tail of sample / mixture_sample references: x fp32 [B, V] (+inf remapped)."""
+    from ._random import gumbel_torch
+
+    batch, vocab = x.shape
+    temp, k, p, mp, bad = _sampling_rows(batch, x.device, temperature, top_k, top_p, min_p)
+    th = sampling_thresholds_reference(x, temp.clamp(min=0).nan_to_num(0.0), k.clamp(min=0),
+                                       p.nan_to_num(1.0), mp.nan_to_num(0.0))
+    g = gumbel_torch(_row_seeds(seed, batch, x.device), _row_seeds(offset, batch, x.device), stream, vocab)
+    score = (x - th["m"][:, None]) * th["inv_t"][:, None] + g
+    score = torch.where(th["kept"], score, torch.full_like(score, float("-inf")))
+    token = score.argmax(dim=1)
+    token = torch.where(th["greedy"], x.argmax(dim=1), token)
+    return torch.where(invalid | bad, torch.full_like(token, -1), token)
+
+
+def sample_reference(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
+                     offset=0, stream: int | None = None) -> torch.Tensor:
+    """Sort-based reference of me_kernels.sample: int64 [B] (see the semantics above).
+
+    Vectorised over the batch (no Python loop over rows): this is also the CPU path. `stream`
+    defaults to the token stream of `sample`.
+    """
+    from ._random import STREAM_TOKEN
+
+    if logits.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    x, invalid, _ = _prepare_rows(logits.to(torch.float32))
+    return _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset,
+                             STREAM_TOKEN if stream is None else stream)
+
+
+def _weight_rows(weights: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights [M] or [B, M] -> (fp32 [B, M], bad-row mask [B])."""
+    w = weights.to(torch.float32)
+    if w.dim() == 1:
+        w = w[None, :].expand(batch, -1)
+    bad = (torch.isnan(w) | torch.isinf(w) | (w < 0)).any(dim=1) | ~(w.sum(dim=1) > 0)
+    return w, bad
+
+
+def select_members_reference(weights: torch.Tensor, *, seed=0, offset=0, batch: int | None = None) -> torch.Tensor:
+    """Reference of me_kernels.select_members: int32 [B], argmax_m log w_m + G_m in Philox stream
+    STREAM_MEMBER; -1 for a bad weight row (NaN, negative, infinite, all zero)."""
+    from ._random import STREAM_MEMBER, gumbel_torch
+
+    b = weights.shape[0] if weights.dim() == 2 else int(batch)
+    w, bad = _weight_rows(weights, b)
+    if b == 0:
+        return torch.empty(0, dtype=torch.int32, device=weights.device)
+    g = gumbel_torch(_row_seeds(seed, b, w.device), _row_seeds(offset, b, w.device), STREAM_MEMBER, w.shape[1])
+    score = torch.where(w > 0, torch.log(w) + g, torch.full_like(g, float("-inf")))
+    j = score.argmax(dim=1)
+    return torch.where(bad, torch.full_like(j, -1), j).to(torch.int32)
+
+
+def mixture_logprobs_reference(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log sum_m wbar_m softmax(logits[m]) as float32 [B, V], wbar = w / sum(w) per row.
+
+    Members with zero weight are ignored. A member with +inf logits contributes the uniform
+    distribution over its +inf entries. Rows with bad weights, or where a member of positive
+    weight has a NaN or no logit above -inf, are NaN.
+    """
+    num_members, batch, vocab = logits.shape
+    l = logits.to(torch.float32)
+    w, bad = _weight_rows(weights, batch)  # [B, M]
+    pinf = l == float("inf")
+    has_pinf = pinf.any(dim=2)  # [M, B]
+    neg = torch.full_like(l, float("-inf"))
+    l = torch.where(has_pinf[..., None], torch.where(pinf, torch.zeros_like(l), neg), l)
+    positive = (w > 0).t()  # [M, B]
+    member_bad = (torch.isnan(l).any(dim=2) | ~(l > float("-inf")).any(dim=2)) & positive
+    bad = bad | member_bad.any(dim=0)
+    lse = torch.logsumexp(l, dim=2)  # [M, B]
+    log_w = torch.log(w / w.sum(dim=1, keepdim=True)).t()  # [M, B]
+    c = torch.where(positive, log_w - lse, torch.full_like(lse, float("-inf")))
+    y = torch.where(positive[..., None], l + c[..., None], neg)
+    out = torch.logsumexp(y, dim=0)
+    return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)
+
+
+def mixture_sample_reference(logits: torch.Tensor, weights: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
+                             min_p=0.0, seed=0, offset=0) -> torch.Tensor:
+    """Reference of me_kernels.mixture_sample: the transforms applied to the mixture
+    log-probabilities, then a draw in Philox stream STREAM_MIXTURE. int64 [B]; -1 for rows whose
+    mixture is NaN (bad weights or a bad member row)."""
+    from ._random import STREAM_MIXTURE
+
+    x = mixture_logprobs_reference(logits, weights)
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    invalid = torch.isnan(x).any(dim=1)
+    x = torch.where(invalid[:, None], torch.full_like(x, float("-inf")), x)
+    invalid = invalid | ~(x > float("-inf")).any(dim=1)
+    return _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset, STREAM_MIXTURE)
+
+
+def me_step_reference(logits: torch.Tensor, weights: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
+                      min_p=0.0, seed=0, offset=0, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of me_kernels.me_step: (sample(logits, ..., seed, offset),
+    select_members(weights, seed, offset + 1)); with shared=True row 0's weights, seed and offset
+    draw one member for every row."""
+    batch = logits.shape[0]
+    tokens = sample_reference(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              seed=seed, offset=offset)
+    seeds = _row_seeds(seed, batch, logits.device)
+    offsets = _row_seeds(offset, batch, logits.device) + 1
+    if not shared:
+        members = select_members_reference(weights, seed=seeds, offset=offsets, batch=batch)
+        return tokens, members
+    if batch == 0:
+        return tokens, torch.empty(0, dtype=torch.int32, device=logits.device)
+    w0 = weights[0] if weights.dim() == 2 else weights
+    one = select_members_reference(w0, seed=seeds[:1], offset=offsets[:1], batch=1)
+    return tokens, one.expand(batch).clone()

@@ -1,0 +1,44 @@
+"""Where a call runs: CUDA tensors -> Triton kernels; CPU tensors -> Triton under the interpreter
+when TRITON_INTERPRET=1 is set at call time, else the torch reference (the CPU path)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = ["use_triton", "eager"]
+
+
+@triton.jit
+def _probe():  # defined like every kernel of the package: tells how triton.jit was configured
+    pass
+
+
+_KERNELS_INTERPRETED = isinstance(_probe, InterpretedFunction)
+
+
+def use_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        if _KERNELS_INTERPRETED:
+            raise RuntimeError(
+                "me_kernels was imported with TRITON_INTERPRET=1, so its kernels are interpreted and "
+                "cannot run on CUDA tensors; unset TRITON_INTERPRET before importing me_kernels."
+            )
+        return True
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if not _KERNELS_INTERPRETED:
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 is set but me_kernels was imported without it: set it before "
+                "importing me_kernels (Triton reads it when the kernels are defined)."
+            )
+        return True
+    return False
+
+
+def eager() -> bool:
+    """True when the public functions may call their implementation directly instead of going
+    through the registered torch op (saves the dispatcher's overhead on every decode step);
+    under torch.compile the registered op is used so the call is traceable."""
+    return not torch.compiler.is_compiling()

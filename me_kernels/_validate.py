@@ -1,0 +1,230 @@
+"""Host-side argument checks shared by the sampling, selection and mixture entry points.
+
+Everything here is free on the host: shapes, dtypes, devices, Python scalars, and the values of
+CPU tensors / Python lists. Values of CUDA tensors are never read here (that would synchronise
+the device); the kernels map a row with an out-of-range device parameter or a bad device weight
+row to -1 instead (see the docstrings of the public functions).
+
+A row parameter is normalised to `RowParam(tensor, scalar)`: `tensor` is None for a Python scalar
+(passed to the kernel as an argument, no device copy), or a 1-D view of length B on the logits'
+device (a 0-dim tensor is expanded to stride 0).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "RowParam",
+    "SAMPLING_DTYPES",
+    "MAX_VOCAB",
+    "check_logits",
+    "check_mixture_logits",
+    "sampling_params",
+    "seed_param",
+    "check_weights",
+    "check_batch",
+]
+
+SAMPLING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Counts are compared in fp32 inside the kernels (exact below 2**24).
+MAX_VOCAB = 1 << 24
+_INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
+
+
+class RowParam(NamedTuple):
+    tensor: torch.Tensor | None  # [B] view (possibly stride 0) or None
+    scalar: float | int  # used when tensor is None
+
+
+def _type_name(x) -> str:
+    return type(x).__name__
+
+
+def _check_tensor_arg(t, name: str, ndims: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(t)}")
+    if t.dim() not in ndims:
+        want = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+
+
+def _check_float_dtype(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in SAMPLING_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def check_logits(logits, name: str = "logits") -> tuple[int, int]:
+    """logits [B, V] float32/bfloat16/float16 (any strides). Returns (B, V)."""
+    _check_tensor_arg(logits, name, (2,))
+    _check_float_dtype(logits, name)
+    b, v = logits.shape
+    if v < 1 or v >= MAX_VOCAB:
+        raise ValueError(f"{name} must have a vocabulary size V in [1, {MAX_VOCAB}), got V={v}")
+    return b, v
+
+
+def check_mixture_logits(logits, name: str = "logits") -> tuple[int, int, int]:
+    """logits [M, B, V] float32/bfloat16/float16 (any strides). Returns (M, B, V)."""
+    _check_tensor_arg(logits, name, (3,))
+    _check_float_dtype(logits, name)
+    m, b, v = logits.shape
+    if m < 1:
+        raise ValueError(f"{name} must hold at least one member (shape [M, B, V] with M >= 1), got M={m}")
+    if v < 1 or v >= MAX_VOCAB:
+        raise ValueError(f"{name} must have a vocabulary size V in [1, {MAX_VOCAB}), got V={v}")
+    return m, b, v
+
+
+def check_batch(batch, name: str = "batch") -> int:
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_type_name(batch)}")
+    if batch < 0:
+        raise ValueError(f"{name} must be >= 0, got {batch}")
+    return int(batch)
+
+
+def _row_tensor(t: torch.Tensor, name: str, batch: int, device: torch.device) -> torch.Tensor:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")
+    if t.dim() == 0:
+        return t.reshape(1).expand(batch)
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name} must be a scalar or a tensor of shape [B] = [{batch}], got shape {tuple(t.shape)}")
+    return t
+
+
+def _range_text(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
+    return f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _float_param(value, name, batch, device, lo, hi, lo_open, hi_open) -> RowParam:
+    def in_range(x: float) -> bool:
+        if math.isnan(x):
+            return False
+        ok_lo = x > lo if lo_open else x >= lo
+        ok_hi = x < hi if hi_open else x <= hi
+        return ok_lo and ok_hi
+
+    text = _range_text(lo, hi, lo_open, hi_open)
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
+        t = _row_tensor(value, name, batch, device)
+        if t.device.type == "cpu" and t.numel() > 0:
+            bad = torch.isnan(t) | ~((t > lo) if lo_open else (t >= lo)) | ~((t < hi) if hi_open else (t <= hi))
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name}[{row}] = {float(t[row])} is outside the allowed range {text}")
+        return RowParam(t.to(torch.float32), 0.0)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a tensor of shape [B], got {_type_name(value)}")
+    x = float(value)
+    if not in_range(x):
+        raise ValueError(f"{name} must be in {text}, got {value}")
+    return RowParam(None, x)
+
+
+def _int_param(value, name, batch, device, lo, hi) -> RowParam:
+    """Integer row parameter in [lo, hi). Tensors: any integer dtype."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        t = _row_tensor(value, name, batch, device)
+        if t.device.type == "cpu" and t.numel() > 0:
+            bad = (t < lo) | (t >= hi) if t.dtype == torch.int64 or hi <= (1 << 62) else (t < lo)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name}[{row}] = {int(t[row])} is outside the allowed range [{lo}, {hi})")
+        return RowParam(t, 0)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or an integer tensor of shape [B], got {_type_name(value)}")
+    v = int(value)
+    if not lo <= v < hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}), got {v}")
+    return RowParam(None, v)
+
+
+def sampling_params(batch: int, device: torch.device, temperature, top_k, top_p, min_p):
+    """Checks and normalises (temperature, top_k, top_p, min_p).
+
+    temperature >= 0 and not NaN (0 = greedy, inf = uniform over the kept set); top_k >= 0
+    (0 = off); top_p in (0, 1] (1 = off); min_p in [0, 1] (0 = off).
+    Returns RowParams; top_k's tensor is int32 (values above 2**31 - 1 are clamped, which keeps
+    every token, exactly as any k >= V does).
+    """
+    temp = _float_param(temperature, "temperature", batch, device, 0.0, math.inf, False, False)
+    k = _int_param(top_k, "top_k", batch, device, 0, 1 << 63)
+    if k.tensor is not None:
+        k = RowParam(k.tensor.clamp(max=(1 << 31) - 1).to(torch.int32), 0)
+    else:
+        k = RowParam(None, min(k.scalar, (1 << 31) - 1))
+    p = _float_param(top_p, "top_p", batch, device, 0.0, 1.0, True, False)
+    mp = _float_param(min_p, "min_p", batch, device, 0.0, 1.0, False, False)
+    return temp, k, p, mp
+
+
+def seed_param(value, name: str, batch: int, device: torch.device) -> RowParam:
+    """seed / offset: a Python int (64-bit, taken modulo 2**64, stored as signed int64) or an
+    integer tensor of shape [B] (converted to int64). The same value is used for every row when
+    a Python int is given."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must be an int64 tensor, got {value.dtype}")
+        return RowParam(_row_tensor(value, name, batch, device).to(torch.int64), 0)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or an int64 tensor of shape [B], got {_type_name(value)}")
+    v = int(value)
+    if not _INT64_MIN <= v < _UINT64_END:
+        raise ValueError(f"{name} must be a 64-bit integer in [-2**63, 2**64), got {v}")
+    if v >= 1 << 63:
+        v -= 1 << 64
+    return RowParam(None, v)
+
+
+def check_weights(weights, name: str, device: torch.device, num_members: int | None = None,
+                  batch: int | None = None) -> torch.Tensor:
+    """weights [M] or [B, M] (a tensor, or a list/tuple of numbers for [M]).
+
+    Host-known values (CPU tensor, list) must be finite, non-negative and not all zero per row;
+    CUDA tensors are not read (a bad device row yields -1 in the kernels). Returns a float32
+    tensor on `device` ([M] or [B, M], strides kept).
+    """
+    if isinstance(weights, (list, tuple)):
+        if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in weights):
+            raise TypeError(f"{name} must be a tensor or a list of numbers")
+        weights = torch.tensor([float(w) for w in weights], dtype=torch.float32)
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [M] or [B, M], got {_type_name(weights)}")
+    if not weights.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {weights.dtype}")
+    if weights.dim() not in (1, 2):
+        raise ValueError(f"{name} must have shape [M] or [B, M], got {tuple(weights.shape)}")
+    m = weights.shape[-1]
+    if m < 1:
+        raise ValueError(f"{name} must hold at least one member weight, got shape {tuple(weights.shape)}")
+    if num_members is not None and m != num_members:
+        raise ValueError(f"{name} has {m} member weights but there are {num_members} members")
+    if weights.dim() == 2 and batch is not None and weights.shape[0] != batch:
+        raise ValueError(f"{name} has {weights.shape[0]} rows but the batch has B={batch}")
+    if weights.device.type == "cpu":
+        w = weights.to(torch.float64)
+        rows = w.reshape(-1, m)
+        if bool(torch.isnan(rows).any()):
+            raise ValueError(f"{name} must not contain NaN")
+        if bool(torch.isinf(rows).any()):
+            raise ValueError(f"{name} must be finite")
+        if bool((rows < 0).any()):
+            raise ValueError(f"{name} must be non-negative, got {rows[(rows < 0).any(1)][0].tolist()}")
+        if rows.shape[0] > 0 and bool((rows.sum(1) <= 0).any()):
+            row = int((rows.sum(1) <= 0).nonzero()[0, 0])
+            raise ValueError(f"{name} row {row} is all zero: at least one weight must be positive")
+    if weights.device != device:
+        if weights.device.type == "cpu":
+            weights = weights.to(device)  # host-known weights, already checked
+        else:
+            raise ValueError(f"{name} is on {weights.device} but the inputs are on {device}")
+    return weights.to(torch.float32)

@@ -1,0 +1,379 @@
+"""The conventional-ensemble (CE) step: mixture log-probabilities and sampling from the mixture.
+
+    q_b(i) = sum_m wbar_bm softmax(logits[m, b])_i,   wbar_b = w_b / sum(w_b)
+
+`mixture_logprobs` writes log q (float32 [B, V]); `mixture_sample` applies temperature -> top-k
+-> top-p -> min-p to the mixture (x = log q taken as logits) and draws, in Philox stream
+STREAM_MIXTURE.
+
+Design
+------
+Two launches, no [M, B, V] intermediate:
+1. `_mixture_partials_kernel`, grid (B, chunks): each program streams its slice of the vocabulary
+   for every member at once (a [M_PAD, NSUB, SUB] tile) and writes, per member, the slice's
+   max, sum of exp(l - max) and NaN / +inf / finite counts. The grid has enough programs to fill
+   the GPU at any batch size.
+2. `_mixture_sample_kernel`, grid (B,): merges the partials into per-member constants
+   c_m = log wbar_m - lse_m (in registers), then runs the same row pipeline as `sample`
+   (me_kernels.sampling) with its values computed on the fly from the M member rows:
+   x_i = log sum_m exp(l_mi + c_m) (a max-shifted log-sum-exp over members). The mixture is
+   never materialised: every pass of the pipeline reads the M rows (only the sub-blocks it
+   needs, as in `sample`). `_mixture_logprobs_kernel`, grid (B, chunks), writes x instead.
+
+Members with zero weight are not read. A member with +inf logits contributes the uniform
+distribution over its +inf entries. A row yields -1 (mixture_sample) / NaN (mixture_logprobs)
+when its weights are bad (NaN, negative, infinite, all zero; CUDA weights are not checked on
+the host) or a member of positive weight has a NaN or no logit above -inf.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._dispatch import eager, use_triton
+from ._random import STREAM_MIXTURE
+from ._validate import RowParam, check_mixture_logits, check_weights, sampling_params, seed_param
+from .sampling import NEG_INF, POS_INF, _load_raw, _row_param, _sample_row, _tile_offsets, _values, block_config, \
+    scratch_for
+
+__all__ = ["mixture_logprobs", "mixture_sample"]
+
+_MIXTURE_STREAM = tl.constexpr(STREAM_MIXTURE)
+_FIELDS = 5  # per (row, chunk, member): max, sum exp(l - max), #NaN, #+inf, #finite
+
+
+@triton.jit
+def _mixture_partials_kernel(
+    logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
+    part_ptr, tiles_per_chunk, n_chunks,
+    MIX_PAD: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    BLOCK: tl.constexpr = NSUB * SUB
+    mm = tl.arange(0, MIX_PAD)
+    src = logits_ptr + row * stride_lb
+    live = tl.full([MIX_PAD], 0.0, tl.float32)  # c = 0 for every member: read them all
+    mx = tl.full([MIX_PAD], NEG_INF, tl.float32)
+    se = tl.zeros([MIX_PAD], dtype=tl.float32)
+    n_nan = tl.zeros([MIX_PAD], dtype=tl.float32)
+    n_pinf = tl.zeros([MIX_PAD], dtype=tl.float32)
+    n_fin = tl.zeros([MIX_PAD], dtype=tl.float32)
+    t = chunk * tiles_per_chunk
+    t_end = t + tiles_per_chunk
+    while t < t_end:  # a while loop: the interpreter cannot range() over runtime scalars
+        offs = _tile_offsets(t * BLOCK, NSUB, SUB)
+        lm = _load_raw(src, stride_lm, stride_lv, offs, offs < V, live, M, 1, MIX_PAD).to(tl.float32)
+        fin = (lm > NEG_INF) & (lm < POS_INF)
+        n_nan += tl.sum(tl.sum((lm != lm).to(tl.float32), 2), 1)
+        n_pinf += tl.sum(tl.sum((lm == POS_INF).to(tl.float32), 2), 1)
+        n_fin += tl.sum(tl.sum(fin.to(tl.float32), 2), 1)
+        lf = tl.where(fin, lm, NEG_INF)
+        new_mx = tl.maximum(mx, tl.max(tl.max(lf, 2), 1))
+        safe = tl.where(new_mx > NEG_INF, new_mx, 0.0)
+        se = se * tl.where(mx > NEG_INF, tl.exp(mx - safe), 0.0) + tl.sum(
+            tl.sum(tl.exp(lf - safe[:, None, None]), 2), 1)
+        mx = new_mx
+        t += 1
+    base = part_ptr + (row * n_chunks + chunk) * (_FIELDS * MIX_PAD) + mm
+    tl.store(base + 0 * MIX_PAD, mx)
+    tl.store(base + 1 * MIX_PAD, se)
+    tl.store(base + 2 * MIX_PAD, n_nan)
+    tl.store(base + 3 * MIX_PAD, n_pinf)
+    tl.store(base + 4 * MIX_PAD, n_fin)
+
+
+@triton.jit
+def _mixture_constants(part_ptr, row, n_chunks, w_ptr, stride_wb, stride_wm, M,
+                       MIX_PAD: tl.constexpr, CH_PAD: tl.constexpr):
+    """Merges a row's partials: per-member c_m = log wbar_m - lse_m (-inf for members that do not
+    count), the members holding +inf, and whether the row is valid."""
+    mm = tl.arange(0, MIX_PAD)
+    cc = tl.arange(0, CH_PAD)
+    mvalid = mm < M
+    w = tl.load(w_ptr + row * stride_wb + mm * stride_wm, mask=mvalid, other=0.0).to(tl.float32)
+    w_bad = tl.max((mvalid & ((w < 0.0) | (w != w) | (w == POS_INF))).to(tl.int32), 0) > 0
+    w_sum = tl.sum(tl.where(mvalid, w, 0.0), 0)
+    w_bad = w_bad | ~(w_sum > 0.0)
+    ptrs = part_ptr + (row * n_chunks + cc[:, None]) * (_FIELDS * MIX_PAD) + mm[None, :]
+    cmask = (cc < n_chunks)[:, None]
+    pmax = tl.load(ptrs + 0 * MIX_PAD, mask=cmask, other=NEG_INF)
+    psum = tl.load(ptrs + 1 * MIX_PAD, mask=cmask, other=0.0)
+    n_nan = tl.sum(tl.load(ptrs + 2 * MIX_PAD, mask=cmask, other=0.0), 0)
+    n_pinf = tl.sum(tl.load(ptrs + 3 * MIX_PAD, mask=cmask, other=0.0), 0)
+    n_fin = tl.sum(tl.load(ptrs + 4 * MIX_PAD, mask=cmask, other=0.0), 0)
+    gmax = tl.max(pmax, 0)
+    safe = tl.where(gmax > NEG_INF, gmax, 0.0)
+    total = tl.sum(tl.where(pmax > NEG_INF, psum * tl.exp(pmax - safe[None, :]), 0.0), 0)
+    lse = tl.where(n_pinf > 0, tl.log(tl.maximum(n_pinf, 1.0)), safe + tl.log(tl.where(total > 0.0, total, 1.0)))
+    positive = mvalid & (w > 0.0)
+    member_bad = positive & ((n_nan > 0) | ((n_fin + n_pinf) == 0))
+    row_ok = ~w_bad & ~(tl.max(member_bad.to(tl.int32), 0) > 0)
+    c = tl.where(positive, tl.log(tl.where(positive, w, 1.0)) - tl.log(tl.where(w_sum > 0.0, w_sum, 1.0)) - lse, NEG_INF)
+    c = tl.where(row_ok, c, NEG_INF)
+    return c, n_pinf > 0, row_ok
+
+
+@triton.jit
+def _mixture_logprobs_kernel(
+    logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
+    w_ptr, stride_wb, stride_wm,
+    part_ptr, tiles_per_chunk, n_chunks, out_ptr, stride_ob,
+    MIX_PAD: tl.constexpr, CH_PAD: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    BLOCK: tl.constexpr = NSUB * SUB
+    c, pinf, row_ok = _mixture_constants(part_ptr, row, n_chunks, w_ptr, stride_wb, stride_wm, M, MIX_PAD, CH_PAD)
+    src = logits_ptr + row * stride_lb
+    t = chunk * tiles_per_chunk
+    t_end = t + tiles_per_chunk
+    while t < t_end:  # a while loop: the interpreter cannot range() over runtime scalars
+        offs = _tile_offsets(t * BLOCK, NSUB, SUB)
+        x = _values(_load_raw(src, stride_lm, stride_lv, offs, offs < V, c, M, 1, MIX_PAD), c, pinf, 1)
+        x = tl.where(row_ok, x, float("nan"))
+        tl.store(out_ptr + row * stride_ob + offs, x, mask=offs < V)
+        t += 1
+
+
+@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s"])
+def _mixture_sample_kernel(
+    logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
+    w_ptr, stride_wb, stride_wm, part_ptr, n_chunks,
+    temp_ptr, stride_temp, temp_s,
+    topk_ptr, stride_topk, topk_s,
+    topp_ptr, stride_topp, topp_s,
+    minp_ptr, stride_minp, minp_s,
+    seed_ptr, stride_seed, seed_s: tl.int64,
+    off_ptr, stride_off, off_s: tl.int64,
+    tok_ptr, submax_ptr, n_sub, tilemax_ptr, n_tiles, cand_v_ptr, cand_i_ptr, dbg_ptr,
+    HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, HAS_MINP: tl.constexpr,
+    HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr, DEBUG: tl.constexpr,
+    MIX_PAD: tl.constexpr, CH_PAD: tl.constexpr,
+    NSUB: tl.constexpr, SUB: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    temp = _row_param(temp_ptr, stride_temp, temp_s, row, HAS_TEMP, tl.float32)
+    top_k = _row_param(topk_ptr, stride_topk, topk_s, row, HAS_TOPK, tl.int32)
+    top_p = _row_param(topp_ptr, stride_topp, topp_s, row, HAS_TOPP, tl.float32)
+    min_p = _row_param(minp_ptr, stride_minp, minp_s, row, HAS_MINP, tl.float32)
+    seed = _row_param(seed_ptr, stride_seed, seed_s, row, HAS_SEED, tl.int64)
+    offset = _row_param(off_ptr, stride_off, off_s, row, HAS_OFF, tl.int64)
+    c, pinf, row_ok = _mixture_constants(part_ptr, row, n_chunks, w_ptr, stride_wb, stride_wm, M, MIX_PAD, CH_PAD)
+    token, tau_k, tau_p, passes = _sample_row(
+        logits_ptr + row * stride_lb, stride_lm, stride_lv, V, c, pinf, M,
+        submax_ptr + row * n_sub, tilemax_ptr + row * n_tiles, cand_v_ptr + row * CAP, cand_i_ptr + row * CAP,
+        temp, top_k, top_p, min_p, seed, offset, row_ok,
+        _MIXTURE_STREAM, 1, MIX_PAD, NSUB, SUB, P, CAP)
+    tl.store(tok_ptr + row, token.to(tl.int64))
+    if DEBUG:
+        tl.store(dbg_ptr + row * 4 + 0, tau_k)
+        tl.store(dbg_ptr + row * 4 + 1, tau_p)
+        tl.store(dbg_ptr + row * 4 + 2, passes.to(tl.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _chunking(batch: int, n_tiles: int, device) -> tuple[int, int]:
+    """(tiles per chunk, chunks) so that batch * chunks programs fill the GPU (about 2 waves)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    want = max(1, min(n_tiles, triton.cdiv(2 * sms, max(batch, 1)), 64))
+    per = triton.cdiv(n_tiles, want)
+    return per, triton.cdiv(n_tiles, per)
+
+
+def _partials(logits, cfg):
+    num_members, batch, vocab = logits.shape
+    block = cfg["NSUB"] * cfg["SUB"]
+    n_tiles = triton.cdiv(vocab, block)
+    per, n_chunks = _chunking(batch, n_tiles, logits.device)
+    mix_pad = triton.next_power_of_2(num_members)
+    part = torch.empty((batch, n_chunks, _FIELDS, mix_pad), dtype=torch.float32, device=logits.device)
+    _mixture_partials_kernel[(batch, n_chunks)](
+        logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
+        part, per, n_chunks,
+        MIX_PAD=mix_pad, NSUB=4, SUB=cfg["SUB"], num_warps=4,
+    )
+    return part, per, n_chunks, mix_pad
+
+
+def _partials_config(vocab: int) -> dict:
+    cfg = block_config(vocab)
+    # The partials / log-prob kernels use 4-row tiles (4 warps) so that many programs share an SM.
+    return {**cfg, "NSUB": 4}
+
+
+def _launch_logprobs(logits, weights):
+    num_members, batch, vocab = logits.shape
+    out = torch.empty((batch, vocab), dtype=torch.float32, device=logits.device)
+    if batch == 0:
+        return out
+    cfg = _partials_config(vocab)
+    part, per, n_chunks, mix_pad = _partials(logits, cfg)
+    _mixture_logprobs_kernel[(batch, n_chunks)](
+        logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
+        weights, weights.stride(0) if weights.dim() == 2 else 0, weights.stride(-1),
+        part, per, n_chunks, out, out.stride(0),
+        MIX_PAD=mix_pad, CH_PAD=triton.next_power_of_2(n_chunks), NSUB=4, SUB=cfg["SUB"], num_warps=4,
+    )
+    return out
+
+
+def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, offset, debug=None, cap=None):
+    num_members, batch, vocab = logits.shape
+    device = logits.device
+    tokens = torch.empty(batch, dtype=torch.int64, device=device)
+    if batch == 0:
+        return tokens
+    pcfg = _partials_config(vocab)
+    part, _per, n_chunks, mix_pad = _partials(logits, pcfg)
+    cfg = block_config(vocab, cap)
+    submax, tilemax, cand_v, cand_i = scratch_for(batch, vocab, cfg, device)
+    dummy = tokens
+
+    def tensor_args(param):
+        t, s = param
+        return (t if t is not None else dummy, t.stride(0) if t is not None else 0, s)
+
+    _mixture_sample_kernel[(batch,)](
+        logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
+        weights, weights.stride(0) if weights.dim() == 2 else 0, weights.stride(-1), part, n_chunks,
+        *tensor_args(temp), *tensor_args(top_k), *tensor_args(top_p), *tensor_args(min_p),
+        *tensor_args(seed), *tensor_args(offset),
+        tokens, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
+        debug if debug is not None else dummy,
+        HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
+        HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
+        DEBUG=debug is not None, MIX_PAD=mix_pad, CH_PAD=triton.next_power_of_2(n_chunks),
+        NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
+    )
+    return tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Registered ops
+# --------------------------------------------------------------------------------------------
+
+
+def _mixture_logprobs_impl(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    if use_triton(logits.device):
+        return _launch_logprobs(logits, weights)
+    return reference.mixture_logprobs_reference(logits, weights)
+
+
+_mixture_logprobs_op = torch.library.custom_op("me::mixture_logprobs", _mixture_logprobs_impl, mutates_args=())
+
+
+@_mixture_logprobs_op.register_fake
+def _(logits, weights):
+    return logits.new_empty((logits.shape[1], logits.shape[2]), dtype=torch.float32)
+
+
+def _mixture_sample_impl(
+    logits: torch.Tensor, weights: torch.Tensor,
+    temp_t: torch.Tensor | None, temp_s: float, topk_t: torch.Tensor | None, topk_s: int,
+    topp_t: torch.Tensor | None, topp_s: float, minp_t: torch.Tensor | None, minp_s: float,
+    seed_t: torch.Tensor | None, seed_s: int, off_t: torch.Tensor | None, off_s: int,
+) -> torch.Tensor:
+    if use_triton(logits.device):
+        return _launch_mixture_sample(logits, weights, RowParam(temp_t, temp_s), RowParam(topk_t, topk_s),
+                                      RowParam(topp_t, topp_s), RowParam(minp_t, minp_s), RowParam(seed_t, seed_s),
+                                      RowParam(off_t, off_s))
+
+    def pick(t, s):
+        return t if t is not None else s
+
+    return reference.mixture_sample_reference(
+        logits, weights, temperature=pick(temp_t, temp_s), top_k=pick(topk_t, topk_s), top_p=pick(topp_t, topp_s),
+        min_p=pick(minp_t, minp_s), seed=pick(seed_t, seed_s), offset=pick(off_t, off_s))
+
+
+_mixture_sample_op = torch.library.custom_op("me::mixture_sample", _mixture_sample_impl, mutates_args=())
+
+
+@_mixture_sample_op.register_fake
+def _(logits, weights, *args):
+    return logits.new_empty((logits.shape[1],), dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def _checked(logits, weights):
+    num_members, batch, _ = check_mixture_logits(logits)
+    weights = check_weights(weights, "weights", logits.device, num_members=num_members, batch=batch)
+    return batch, weights
+
+
+def mixture_logprobs(logits, weights) -> torch.Tensor:
+    """log sum_m wbar_m softmax(logits[m]) for every row: the CE distribution, as log-probabilities.
+
+    Args:
+        logits: [M, B, V] float32 / bfloat16 / float16 (any strides).
+        weights: [M] or [B, M], non-negative, rows need not sum to 1 (normalised per row).
+            Host-known weights are checked (ValueError); a bad CUDA weight row yields NaN.
+    Returns:
+        float32 [B, V]. -inf where every member of positive weight gives probability 0. A row is
+        NaN if its weights are bad or a member of positive weight has a NaN or no logit above
+        -inf. Members of zero weight are ignored; +inf logits of a member make it uniform over
+        its +inf entries.
+    """
+    _, weights = _checked(logits, weights)
+    if eager():
+        return _mixture_logprobs_impl(logits, weights)
+    return torch.ops.me.mixture_logprobs(logits, weights)
+
+
+def _flat(logits, batch, temperature, top_k, top_p, min_p, seed, offset):
+    device = logits.device
+    temp, k, p, mp = sampling_params(batch, device, temperature, top_k, top_p, min_p)
+    sd = seed_param(seed, "seed", batch, device)
+    off = seed_param(offset, "offset", batch, device)
+    return (temp.tensor, temp.scalar, k.tensor, k.scalar, p.tensor, p.scalar, mp.tensor, mp.scalar,
+            sd.tensor, sd.scalar, off.tensor, off.scalar)
+
+
+def mixture_sample(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
+                   offset=0) -> torch.Tensor:
+    """The CE step: sample from the mixture of the members' softmaxes, transforms applied to the mixture.
+
+    Args:
+        logits: [M, B, V] float32 / bfloat16 / float16 (any strides).
+        weights: [M] or [B, M] member weights (see `mixture_logprobs`).
+        temperature, top_k, top_p, min_p: as for `sample`, applied to log q (temperature 0 is
+            the argmax of the mixture).
+        seed, offset: as for `sample`; draws use Philox stream STREAM_MIXTURE.
+    Returns:
+        int64 [B]; -1 for a row whose mixture is undefined (see `mixture_logprobs`) or with a bad
+        device parameter.
+    """
+    batch, weights = _checked(logits, weights)
+    flat = _flat(logits, batch, temperature, top_k, top_p, min_p, seed, offset)
+    if eager():
+        return _mixture_sample_impl(logits, weights, *flat)
+    return torch.ops.me.mixture_sample(logits, weights, *flat)
+
+
+def mixture_sample_thresholds(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
+                              cap=None):
+    """Debug entry of the Triton kernel, as `me_kernels.sampling.sample_thresholds` (the kept set
+    is a threshold on mixture_logprobs(logits, weights))."""
+    batch, weights = _checked(logits, weights)
+    t = _flat(logits, batch, temperature, top_k, top_p, min_p, seed, offset)
+    if not use_triton(logits.device):
+        raise RuntimeError("mixture_sample_thresholds runs the Triton kernel: use CUDA tensors or TRITON_INTERPRET=1")
+    info = torch.zeros((batch, 4), dtype=torch.float32, device=logits.device)
+    tokens = _launch_mixture_sample(logits, weights, RowParam(t[0], t[1]), RowParam(t[2], t[3]), RowParam(t[4], t[5]),
+                                    RowParam(t[6], t[7]), RowParam(t[8], t[9]), RowParam(t[10], t[11]), debug=info,
+                                    cap=cap)
+    return tokens, info
