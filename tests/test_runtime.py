@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import INTERPRET
 from me_runtime import Ensemble
 from me_runtime.decode import Batch, MemberRunner
 from tiny_models import char_tokenizer, next_token_probs, tiny_member
@@ -17,6 +18,16 @@ V = 5  # vocabulary of the enumeration tests: 5^3 = 125 sequences of 3 tokens
 STEPS = 3
 PROMPT = [1, 3]
 WEIGHTS = [0.5, 0.3, 0.2]
+
+
+@pytest.fixture(autouse=True)
+def reference_sampling_path(monkeypatch, request):
+    """The statistical tests here draw thousands of rows, far too many for the Triton interpreter:
+    they run me_kernels' torch reference path (what CPU users run). The kernels themselves are
+    tested under the interpreter in the kernel tests, and test_runtime_on_the_triton_kernels
+    runs this runtime on them."""
+    if request.node.get_closest_marker("triton_kernels") is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.fixture(scope="module")
@@ -186,14 +197,28 @@ def test_shared_selection_one_member_per_step_and_exact(ensemble, members):
     # Exact per-request distribution: one request per call (requests inside a call are
     # correlated through the shared member), many calls with different seeds.
     samples, step_members = [], []
-    for call in range(600):
-        g = ensemble.generate_ids([PROMPT, [2]], method="me", selection="shared", max_new_tokens=STEPS, seed=50_000 + 7 * call)
+    for call in range(400):
+        g = ensemble.generate_ids([PROMPT, [2]], method="me", selection="shared", max_new_tokens=2, seed=50_000 + 7 * call)
         samples.append(tuple(g[0].token_ids))
         step_members += g[0].members
-    assert chi_square_pvalue(samples, exact_sequence_probs(members, WEIGHTS, PROMPT, STEPS, "ce")) > 1e-4
+    assert chi_square_pvalue(samples, exact_sequence_probs(members, WEIGHTS, PROMPT, 2, "ce")) > 1e-4
     n = len(step_members)
     counts = Counter(step_members)
     assert stats.chisquare([counts[m] for m in range(3)], [w * n for w in WEIGHTS]).pvalue > 1e-4
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels on CPU: needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("method, params", [("me", {}), ("ce", dict(top_p=0.8)), ("me", dict(temperature=0.7, top_k=3))])
+def test_runtime_on_the_triton_kernels(members, method, params, monkeypatch):
+    # The kernels draw the reference's Philox numbers, so the runtime gives the same tokens on
+    # the interpreted Triton kernels as on the torch reference path.
+    ens = Ensemble(members, weights=WEIGHTS)
+    prompts = [[1, 3], [4, 0, 2]]
+    on_kernels = ens.generate_ids(prompts, method=method, max_new_tokens=4, seed=[3, 4], **params)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    on_reference = ens.generate_ids(prompts, method=method, max_new_tokens=4, seed=[3, 4], **params)
+    assert [(g.token_ids, g.members) for g in on_kernels] == [(g.token_ids, g.members) for g in on_reference]
 
 
 # ----------------------------------------------------------------------------- seeds, batching
