@@ -14,6 +14,10 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Tests work on tiny tensors, where OpenMP's thread hand-offs cost more than they save (and
+# make timings swing wildly on a loaded 2-core machine).
+torch.set_num_threads(1)
+
 
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
