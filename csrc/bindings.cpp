@@ -17,11 +17,14 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(me, m) {
   m.def("group_rows(Tensor members, int num_members) -> (Tensor order, Tensor offsets)");
   m.def("grouped_linear(Tensor x, Tensor members, Tensor weight, Tensor? bias=None) -> Tensor");
+  // CPU helper of the sampling reference path (the GPU kernels draw their own numbers).
+  m.def("philox_uniforms(Tensor seed, Tensor offset, int stream, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(me, CPU, m) {
   m.impl("group_rows", &me::group_rows_cpu);
   m.impl("grouped_linear", &me::grouped_linear_cpu);
+  m.impl("philox_uniforms", &me::philox_uniforms_cpu);
 }
 
 #ifdef ME_WITH_CUDA

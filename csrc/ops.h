@@ -20,6 +20,11 @@ std::tuple<at::Tensor, at::Tensor> group_rows_cpu(const at::Tensor& members, int
 at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& members, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias);
 
+// Philox-4x32-10 uniforms of the sampling ops' random streams (see me_kernels/_random.py for the
+// counter / key layout): float32 [B, n] for int64 seed [B] / offset [B]. CPU only: the Triton
+// kernels draw their own numbers on the GPU; this is the torch reference path's fast helper.
+at::Tensor philox_uniforms_cpu(const at::Tensor& seed, const at::Tensor& offset, int64_t stream, int64_t n);
+
 #ifdef ME_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> group_rows_cuda(const at::Tensor& members, int64_t num_members);
 at::Tensor grouped_linear_cuda(const at::Tensor& x, const at::Tensor& members, const at::Tensor& weight,
