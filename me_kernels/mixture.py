@@ -41,7 +41,7 @@ from .sampling import NEG_INF, POS_INF, _load_raw, _row_param, _sample_row, _til
 __all__ = ["mixture_logprobs", "mixture_sample"]
 
 _MIXTURE_STREAM = tl.constexpr(STREAM_MIXTURE)
-_FIELDS = 5  # per (row, chunk, member): max, sum exp(l - max), #NaN, #+inf, #finite
+_FIELDS = tl.constexpr(5)  # per (row, chunk, member): max, sum exp(l - max), #NaN, #+inf, #finite
 
 
 @triton.jit
@@ -57,10 +57,10 @@ def _mixture_partials_kernel(
     src = logits_ptr + row * stride_lb
     live = tl.full([MIX_PAD], 0.0, tl.float32)  # c = 0 for every member: read them all
     mx = tl.full([MIX_PAD], NEG_INF, tl.float32)
-    se = tl.zeros([MIX_PAD], dtype=tl.float32)
-    n_nan = tl.zeros([MIX_PAD], dtype=tl.float32)
-    n_pinf = tl.zeros([MIX_PAD], dtype=tl.float32)
-    n_fin = tl.zeros([MIX_PAD], dtype=tl.float32)
+    se = tl.full([MIX_PAD], 0, tl.float32)
+    n_nan = tl.full([MIX_PAD], 0, tl.float32)
+    n_pinf = tl.full([MIX_PAD], 0, tl.float32)
+    n_fin = tl.full([MIX_PAD], 0, tl.float32)
     t = chunk * tiles_per_chunk
     t_end = t + tiles_per_chunk
     while t < t_end:  # a while loop: the interpreter cannot range() over runtime scalars
@@ -196,7 +196,7 @@ def _partials(logits, cfg):
     n_tiles = triton.cdiv(vocab, block)
     per, n_chunks = _chunking(batch, n_tiles, logits.device)
     mix_pad = triton.next_power_of_2(num_members)
-    part = torch.empty((batch, n_chunks, _FIELDS, mix_pad), dtype=torch.float32, device=logits.device)
+    part = torch.empty((batch, n_chunks, _FIELDS.value, mix_pad), dtype=torch.float32, device=logits.device)
     _mixture_partials_kernel[(batch, n_chunks)](
         logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
         part, per, n_chunks,
@@ -236,6 +236,9 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
     pcfg = _partials_config(vocab)
     part, _per, n_chunks, mix_pad = _partials(logits, pcfg)
     cfg = block_config(vocab, cap)
+    if cfg["num_warps"] > 8:
+        # M member tiles (and their prefetch) are live at once: 8 warps leave 255 registers each.
+        cfg = {**cfg, "NSUB": 8, "num_warps": 8}
     submax, tilemax, cand_v, cand_i = scratch_for(batch, vocab, cfg, device)
     dummy = tokens
 

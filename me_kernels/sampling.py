@@ -72,9 +72,11 @@ _MAX_REFINE = tl.constexpr(24)
 
 @triton.jit
 def _f2k(x):
-    """fp32 -> int64 key with the same order (for splitting brackets evenly in value space)."""
+    """fp32 -> int64 key with the same order as the values (-0.0 and +0.0 share key 0), used to
+    split brackets evenly and to compare candidates as integers."""
     b = x.to(tl.int32, bitcast=True)
-    return tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)
+    k = tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+    return tl.where(k == -1, 0, k).to(tl.int64)
 
 
 @triton.jit
@@ -117,7 +119,8 @@ def _values(raw, mix_c, mix_pinf, SOURCE: tl.constexpr):
         y = tl.where(c > NEG_INF, lm + c, NEG_INF)
         ymax = tl.max(y, 0)
         safe = tl.where(ymax > NEG_INF, ymax, 0.0)
-        x = tl.where(ymax > NEG_INF, safe + tl.log(tl.sum(tl.exp(y - safe[None, :, :]), 0)), NEG_INF)
+        total = tl.sum(tl.exp(y - safe[None, :, :]), 0)
+        x = tl.where(ymax > NEG_INF, safe + tl.log(tl.where(ymax > NEG_INF, total, 1.0)), NEG_INF)
     return x
 
 
@@ -132,8 +135,8 @@ def _sub_active(submax_ptr, tile, n_tiles, lo, NSUB: tl.constexpr):
 @triton.jit
 def _lane_argbest(score, idx):
     """(best score, lowest index among the best) of per-lane candidates; index -1 if none."""
-    bs = tl.max(tl.max(score, 1), 0)
-    bi = tl.min(tl.min(tl.where((score == bs) & (idx >= 0), idx, 2147483647), 1), 0)
+    bs = tl.max(score)
+    bi = tl.min(tl.where((score == bs) & (idx >= 0), idx, 2147483647))
     return tl.where(bs > NEG_INF, bi, -1), bs
 
 
@@ -148,12 +151,12 @@ def _stats_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
     n_tiles = (V + BLOCK - 1) // BLOCK
     offs = _tile_offsets(0, NSUB, SUB)
     raw = _load_raw(src_ptr, stride_m, stride_v, offs, offs < V, mix_c, M, SOURCE, MIX_PAD)
-    # Scores are compared against a fixed reference (the first tile's max) while streaming and
-    # against the exact row max at the end.
+    # Plain sampling compares scores (x - ref) / T + G against a fixed reference, the first tile's
+    # max (the row max is not known yet): the same order as (x - m) / T + G up to fp32 rounding.
     x0 = _values(raw, mix_c, mix_pinf, SOURCE)
-    c0 = tl.max(tl.max(tl.where((x0 > NEG_INF) & (x0 < POS_INF), x0, NEG_INF), 1), 0)
+    c0 = tl.max(tl.where((x0 > NEG_INF) & (x0 < POS_INF), x0, NEG_INF))
     ref = tl.where(c0 > NEG_INF, c0, 0.0)
-    zeros_i = tl.zeros([NSUB, SUB], dtype=tl.int32)
+    zeros_i = tl.full([NSUB, SUB], 0, tl.int32)
     cnt_nan = zeros_i
     cnt_pinf = zeros_i
     cnt_fin = zeros_i
@@ -163,8 +166,6 @@ def _stats_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
     lmin = tl.full([NSUB, SUB], POS_INF, tl.float32)
     w_s = tl.full([NSUB, SUB], NEG_INF, tl.float32)
     w_i = zeros_i - 1
-    w_x = tl.zeros([NSUB, SUB], dtype=tl.float32)
-    w_g = tl.zeros([NSUB, SUB], dtype=tl.float32)
     t = 0
     while t < n_tiles:  # a while loop: the interpreter cannot range() over runtime scalars
         start = t * BLOCK
@@ -190,18 +191,16 @@ def _stats_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
             up = sc > w_s
             w_s = tl.where(up, sc, w_s)
             w_i = tl.where(up, offs, w_i)
-            w_x = tl.where(up, xf, w_x)
-            w_g = tl.where(up, g, w_g)
         raw = raw_n
         t += 1
-    m = tl.max(tl.max(lmax, 1), 0)
-    amax = tl.min(tl.min(tl.where(lmax == m, lidx, 2147483647), 1), 0)
-    n_nan = tl.sum(tl.sum(cnt_nan, 1), 0)
-    n_pinf = tl.sum(tl.sum(cnt_pinf, 1), 0)
-    n_fin = tl.sum(tl.sum(cnt_fin, 1), 0)
-    fp = tl.min(tl.min(first_pinf, 1), 0)
-    x_min = tl.min(tl.min(lmin, 1), 0)
-    w_idx, _ws = _lane_argbest(tl.where(w_i >= 0, (w_x - m) * inv_t + w_g, NEG_INF), w_i)
+    m = tl.max(lmax)
+    amax = tl.min(tl.where(lmax == m, lidx, 2147483647))
+    n_nan = tl.sum(cnt_nan)
+    n_pinf = tl.sum(cnt_pinf)
+    n_fin = tl.sum(cnt_fin)
+    fp = tl.min(first_pinf)
+    x_min = tl.min(lmin)
+    w_idx, _ws = _lane_argbest(w_s, w_i)
     # Tile maxima (one scalar per tile) let later passes skip whole tiles without a reduction.
     tl.debug_barrier()
     TCH: tl.constexpr = 64
@@ -227,9 +226,9 @@ def _pivot_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
     # per-lane accumulators hold one value per thread and pivot.
     Q: tl.constexpr = SUB // 4
     n_tiles = (V + BLOCK - 1) // BLOCK
-    acc_c = tl.zeros([P, NSUB, Q], dtype=tl.int32)
-    acc_w = tl.zeros([P, NSUB, Q], dtype=tl.float32)
-    acc_z = tl.zeros([NSUB, Q], dtype=tl.float32)
+    acc_c = tl.full([P, NSUB, Q], 0, tl.int32)
+    acc_w = tl.full([P, NSUB, Q], 0, tl.float32)
+    acc_z = tl.full([NSUB, Q], 0, tl.float32)
     pv = piv[:, None, None, None]
     offs = _tile_offsets(0, NSUB, SUB)
     act = _sub_active(submax_ptr, 0, n_tiles, lo_skip, NSUB)
@@ -249,7 +248,7 @@ def _pivot_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
             acc_w += tl.sum(tl.where(ge, e[None, :, :, :], 0.0), 3)
         raw = raw_n
         t += 1
-    return tl.sum(tl.sum(acc_c, 2), 1), tl.sum(tl.sum(acc_w, 2), 1), tl.sum(tl.sum(acc_z, 1), 0)
+    return tl.sum(tl.sum(acc_c, 2), 1), tl.sum(tl.sum(acc_w, 2), 1), tl.sum(acc_z)
 
 
 @triton.jit
@@ -265,7 +264,7 @@ def _compact_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr
     tl.debug_barrier()
     base = 0
     b_s = tl.full([NSUB, SUB], NEG_INF, tl.float32)
-    b_i = tl.zeros([NSUB, SUB], dtype=tl.int32) - 1
+    b_i = tl.full([NSUB, SUB], 0, tl.int32) - 1
     offs = _tile_offsets(0, NSUB, SUB)
     act = _sub_active(submax_ptr, 0, n_tiles, lo, NSUB)
     raw = _load_raw(src_ptr, stride_m, stride_v, offs, act[:, None] & (offs < V), mix_c, M, SOURCE, MIX_PAD)
@@ -313,7 +312,7 @@ def _sample_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr,
     n_tiles = (V + BLOCK - 1) // BLOCK
     lo_read = tl.where(pinf_mode, NEG_INF, lo)
     b_s = tl.full([NSUB, SUB], NEG_INF, tl.float32)
-    b_i = tl.zeros([NSUB, SUB], dtype=tl.int32) - 1
+    b_i = tl.full([NSUB, SUB], 0, tl.int32) - 1
     offs = _tile_offsets(0, NSUB, SUB)
     act = _sub_active(submax_ptr, 0, n_tiles, lo_read, NSUB)
     raw = _load_raw(src_ptr, stride_m, stride_v, offs, act[:, None] & (offs < V), mix_c, M, SOURCE, MIX_PAD)
@@ -343,40 +342,32 @@ def _sample_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr,
 
 
 @triton.jit
-def _candidate_threshold(v, e, live, base, target, by_mass, P: tl.constexpr):
+def _candidate_threshold(kv, e, live, base, target, by_mass, P: tl.constexpr):
     """Exact threshold among register candidates, without sorting.
 
-    v / e: candidate values and weights [CAP]; live: which ones take part; base: count (or
-    mass) of the elements above every candidate. The threshold is the largest candidate value
-    t with base + #{v >= t} >= target (by_mass: base + sum{e : v >= t} >= target). Bracket
-    [lo, hi) with crit(lo) true and crit(hi) false, split by P pivots evenly spaced in key space
-    and tightened to the candidates it holds, until it holds a single value. If even the
-    smallest candidate misses the target (possible only through fp32 rounding of a mass), the
-    smallest candidate is returned (the whole band is kept).
+    kv / e: candidate keys (_f2k of the values) and weights [CAP]; live: which ones take part;
+    base: count (or mass) of the elements above every candidate. The threshold is the largest
+    candidate value t with base + #{v >= t} >= target (by_mass: base + sum{e : v >= t} >=
+    target). Bracket [lo, hi) in key space with crit(lo) true and crit(hi) false, split by P
+    evenly spaced pivots and tightened to the candidates it holds, until it holds a single value.
+    If even the smallest candidate misses the target (possible only through fp32 rounding of a
+    mass), the smallest candidate is returned (the whole band is kept). Returns the value.
     """
-    lo = tl.min(tl.where(live, v, POS_INF), 0)
-    vmax = tl.max(tl.where(live, v, NEG_INF), 0)
-    hi = _k2f(_f2k(vmax) + 1)
-    k_lo = _f2k(lo)
-    k_hi = _f2k(hi)
-    go = (k_hi - k_lo) > 1
-    while go:
-        j = (tl.arange(0, P) + 1).to(tl.int64)
-        piv = _k2f(k_lo + ((k_hi - k_lo) * j) // (P + 1))
-        ge = live[None, :] & (v[None, :] >= piv[:, None])
+    BIG: tl.constexpr = 1 << 40
+    k_lo = tl.min(tl.where(live, kv, BIG))
+    k_hi = tl.max(tl.where(live, kv, -BIG)) + 1
+    while (k_hi - k_lo) > 1:
+        piv = k_lo + ((k_hi - k_lo) * (tl.arange(0, P) + 1).to(tl.int64)) // (P + 1)
+        ge = live[None, :] & (kv[None, :] >= piv[:, None])
         amount = tl.where(by_mass, tl.sum(tl.where(ge, e[None, :], 0.0), 1), tl.sum(ge.to(tl.float32), 1))
         crit = (base + amount) >= target
-        lo = tl.maximum(lo, tl.max(tl.where(crit, piv, NEG_INF), 0))
-        hi = tl.minimum(hi, tl.min(tl.where(crit, POS_INF, piv), 0))
+        k_lo = tl.maximum(k_lo, tl.max(tl.where(crit, piv, -BIG), 0))
+        k_hi = tl.minimum(k_hi, tl.min(tl.where(crit, BIG, piv), 0))
         # Tighten to the candidates inside [lo, hi): crit is constant between candidate values.
-        in_band = live & (v >= lo) & (v < hi)
-        lo = tl.min(tl.where(in_band, v, POS_INF), 0)
-        top = tl.max(tl.where(in_band, v, NEG_INF), 0)
-        hi = _k2f(_f2k(top) + 1)
-        k_lo = _f2k(lo)
-        k_hi = _f2k(hi)
-        go = (k_hi - k_lo) > 1
-    return lo
+        in_band = live & (kv >= k_lo) & (kv < k_hi)
+        k_lo = tl.min(tl.where(in_band, kv, BIG))
+        k_hi = tl.max(tl.where(in_band, kv, -BIG)) + 1
+    return _k2f(k_lo)
 
 
 @triton.jit
@@ -393,15 +384,16 @@ def _resolve(cand_v_ptr, cand_i_ptr, n, lo, c_top, w_top, k_eff, tau_k, z_k, c_k
     v = tl.load(cand_v_ptr + ar, mask=valid, other=NEG_INF)
     idx = tl.load(cand_i_ptr + ar, mask=valid, other=0)
     e = tl.where(valid, tl.exp((v - m) * inv_t), 0.0)
+    kv = _f2k(v)
     if k_eff > 0:
-        tau_k = _candidate_threshold(v, e, valid, c_top.to(tl.float32), k_eff.to(tl.float32), False, P)
+        tau_k = _candidate_threshold(kv, e, valid, c_top.to(tl.float32), k_eff.to(tl.float32), False, P)
         tau_k = tl.where(n > 0, tau_k, lo)
         ge = valid & (v >= tau_k)
         z_k = w_top + tl.sum(tl.where(ge, e, 0.0), 0)
         c_k = c_top + tl.sum(ge.to(tl.int32), 0)
     tau_p = tl.full([], NEG_INF, tl.float32)
     if p_on:
-        tau_p = _candidate_threshold(v, e, valid & (v >= tau_k), w_top, top_p * z_k, True, P)
+        tau_p = _candidate_threshold(kv, e, valid & (v >= tau_k), w_top, top_p * z_k, True, P)
         tau_p = tl.where(n > 0, tau_p, lo)
     t_star = tl.maximum(tau_k, tau_p)
     kept = valid & (v >= t_star) & (tl.exp((v - m) * inv_t) >= min_p)
@@ -488,9 +480,9 @@ def _truncated_draw(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_p
     token = tl.full([], -1, tl.int32)
     done = tl.full([], 0, tl.int32)
     passes = tl.full([], 0, tl.int32)
-    piv = tl.zeros([P], dtype=tl.float32)
-    C = tl.zeros([P], dtype=tl.int32)
-    W = tl.zeros([P], dtype=tl.float32)
+    piv = tl.full([P], 0, tl.float32)
+    C = tl.full([P], 0, tl.int32)
+    W = tl.full([P], 0, tl.float32)
     z = tl.full([], 0.0, tl.float32)
     if (k_eff > 0) | p_on:
         # Ladder: pivots below the max in units of T (clamped, so that a huge T still spreads
@@ -614,7 +606,7 @@ def _row_param(ptr, stride, scalar, row, HAS: tl.constexpr, DTYPE: tl.constexpr)
     if HAS:
         return tl.load(ptr + row * stride).to(DTYPE)
     else:
-        return tl.zeros([], DTYPE) + scalar
+        return tl.full([], 0, DTYPE) + scalar
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,8 +637,8 @@ def _sample_kernel(
     min_p = _row_param(minp_ptr, stride_minp, minp_s, row, HAS_MINP, tl.float32)
     seed = _row_param(seed_ptr, stride_seed, seed_s, row, HAS_SEED, tl.int64)
     offset = _row_param(off_ptr, stride_off, off_s, row, HAS_OFF, tl.int64)
-    no_mix_c = tl.zeros([1], dtype=tl.float32)
-    no_mix_pinf = tl.zeros([1], dtype=tl.int1)
+    no_mix_c = tl.full([1], 0, tl.float32)
+    no_mix_pinf = tl.full([1], 0, tl.int1)
     token, tau_k, tau_p, passes = _sample_row(
         logits_ptr + row * stride_lb, 0, stride_lv, V, no_mix_c, no_mix_pinf, 1,
         submax_ptr + row * n_sub, tilemax_ptr + row * n_tiles, cand_v_ptr + row * CAP, cand_i_ptr + row * CAP,
@@ -688,7 +680,8 @@ def block_config(vocab: int, cap: int | None = None) -> dict:
     else:
         sub = min(128, max(4, triton.next_power_of_2(triton.cdiv(vocab, 4))))
         nsub, warps, default_cap = 4, 4, 1024
-    cap = default_cap if cap is None else cap
+    # No more candidate slots than the vocabulary needs (the upper set then always fits).
+    cap = min(default_cap, max(16, triton.next_power_of_2(vocab))) if cap is None else cap
     if cap < 2 or cap & (cap - 1):
         raise ValueError(f"cap must be a power of two >= 2, got {cap}")
     return {"NSUB": nsub, "SUB": sub, "CAP": cap, "P": _PIVOTS, "num_warps": warps}

@@ -65,11 +65,11 @@ def _select_members_kernel(
     if HAS_SEED:
         seed = tl.load(seed_ptr + rows.to(tl.int64) * stride_seed, mask=rmask, other=0)
     else:
-        seed = tl.zeros([BLOCK_B], dtype=tl.int64) + seed_s
+        seed = tl.full([BLOCK_B], 0, tl.int64) + seed_s
     if HAS_OFF:
         offset = tl.load(off_ptr + rows.to(tl.int64) * stride_off, mask=rmask, other=0)
     else:
-        offset = tl.zeros([BLOCK_B], dtype=tl.int64) + off_s
+        offset = tl.full([BLOCK_B], 0, tl.int64) + off_s
     j = draw_members(w, seed[:, None], offset[:, None], M, M_PAD)
     tl.store(out_ptr + rows, j, mask=rmask)
 
