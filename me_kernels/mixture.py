@@ -44,7 +44,7 @@ _MIXTURE_STREAM = tl.constexpr(STREAM_MIXTURE)
 _FIELDS = tl.constexpr(5)  # per (row, chunk, member): max, sum exp(l - max), #NaN, #+inf, #finite
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "tiles_per_chunk", "n_chunks"])
 def _mixture_partials_kernel(
     logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
     part_ptr, tiles_per_chunk, n_chunks,
@@ -116,7 +116,7 @@ def _mixture_constants(part_ptr, row, n_chunks, w_ptr, stride_wb, stride_wm, M,
     return c, n_pinf > 0, row_ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "tiles_per_chunk", "n_chunks"])
 def _mixture_logprobs_kernel(
     logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
     w_ptr, stride_wb, stride_wm,
@@ -138,7 +138,8 @@ def _mixture_logprobs_kernel(
         t += 1
 
 
-@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s"])
+@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s", "M", "n_chunks", "n_sub",
+                             "n_tiles"])
 def _mixture_sample_kernel(
     logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
     w_ptr, stride_wb, stride_wm, part_ptr, n_chunks,

@@ -1,47 +1,52 @@
 """Fused on-device sampling: temperature -> top-k -> top-p -> min-p -> draw, one launch, no sort.
 
-Semantics: see the sampling section of me_kernels.reference (kept sets are thresholds on the
-logits, ties kept, the top-p crossing token kept; NaN / all -inf rows -> -1; +inf entries are
-drawn uniformly). Randomness: Philox keyed by (seed[b], offset[b]) (me_kernels._random).
+Semantics: the sampling section of me_kernels.reference (kept sets are thresholds on the logits,
+ties kept, the top-p crossing token kept; NaN / all -inf rows -> -1; +inf entries drawn
+uniformly). Randomness: Philox-4x32-10 keyed by (seed[b], offset[b]) (me_kernels._random).
 
-Design (one program per row; the row is streamed from global memory a few times)
-------------------------------------------------------------------------------
-Everything that decides a token is a threshold on the row's values: the kept set is
-{x >= max(tau_k, tau_p)} intersected with the min-p set, and the token is the Gumbel-max
-argmax_i (x_i - m) / T + G_i over it. So no sort of V is needed, only the two thresholds:
+Design: one program per row, the row streamed a few times, no sort of V
+-----------------------------------------------------------------------
+Every decision is a threshold on the row's values: the kept set is {x >= max(tau_k, tau_p)}
+intersected with the min-p set {exp((x - m) / T) >= min_p}, and the token is the Gumbel-max
+argmax_i (x_i - m) / T + G_i over it. Only tau_k and tau_p need finding, exactly:
 
-1. Stats pass (always): NaN / +inf / finite counts, max m, sum Z of e_i = exp((x_i - m) / T)
-   (online rescaling, as in a streaming softmax), greedy argmax, and the max of every SUB-element
-   sub-block (written to a small scratch, used below to skip memory). Rows that need no
-   truncation (greedy, plain sampling, +inf rows) are finished in this single pass: the plain
-   Gumbel-max winner is tracked on the fly against the running maximum.
-2. Ladder pass (only when top-k or top-p is on): the count C(t) and mass W(t) of {x >= t} at P
-   pivots t = m - d_j * T (d_j from 0.5 to ~12, denser near the top, where top-k / top-p
-   thresholds of real next-token distributions lie). This brackets each threshold between two
-   pivots: tau_k in [lo, hi) with C(lo) >= k > C(hi), tau_p with W(lo) >= p Z_k > W(hi).
-3. Candidate pass: the elements in the bracket (or the whole upper set {x >= lo} when it holds
-   at most CAP elements, the usual case for top-k and for top-p on peaked rows) are compacted
-   into a per-row scratch of CAP slots (order-preserving, via a block cumsum). The same pass
-   computes the Gumbel winner among the elements above the bracket, which are kept for sure.
-   The candidates are then sorted in registers (bitonic sort of at most CAP values, not V) and
-   the exact thresholds follow from a cumulative sum; the final winner is the better of the
-   winner above the bracket and the best kept candidate.
-   When a bracket holds more than CAP elements (flat rows), refinement passes split it with P
-   pivots evenly spaced in the order-preserving integer key space of fp32, so the key range
-   shrinks by ~(P + 1) per pass: at most ceil(32 / log2(P + 1)) + 1 passes even for adversarial
-   rows, and a bracket whose key range is a single value resolves without candidates.
-Typical cost: top-p or top-k = 3 passes, top-k + top-p = 3, min-p alone = 2, plain / greedy = 1.
-Passes after the first skip every SUB-element sub-block whose maximum (from pass 1) is below
-the bracket, by masking its loads, so on peaked rows they read a small part of the row, which
-on large batches is also the part most likely still in L2.
+1. Stats pass (always): NaN / +inf / finite counts, max m and its lowest index, min, and the max
+   of every SUB-element sub-block and of every tile (a small per-row scratch). Greedy, plain
+   sampling (the Gumbel winner is tracked on the fly) and NaN / all -inf rows finish here; +inf
+   rows take one more pass that draws among the +inf entries.
+2. Ladder pass (top-k or top-p on): count C(t) and mass W(t) of {x >= t} at P = 8 pivots below
+   m, plus the row's total mass Z. Mass pivots sit at depths 0.5 .. 12.4 x T, count pivots at
+   1/64 .. 1/2 of the row's range (geometric); with both filters on they alternate. This
+   brackets each threshold: tau_k in [lo, hi) with C(lo) >= k > C(hi); tau_p likewise with
+   W(lo) >= top_p * Z_k > W(hi) (Z_k: mass of the top-k set, from phase 1).
+3. Candidate pass: the elements of the bracket are compacted (in index order, via a per-tile
+   cumsum) into a per-row scratch of CAP slots; when the whole upper set {x >= lo} fits, it is
+   compacted instead and every threshold is decided on it. The same pass keeps the Gumbel
+   winner among the elements above the bracket, which are kept whatever the exact threshold.
+   In registers, the exact threshold among <= CAP candidates is found by a bracket search over
+   the candidates (pivots half evenly spaced in value, half in fp32 key space, tightened to the
+   candidates left), not by sorting; the token is the better of the two winners.
+   If a bracket holds more than CAP elements (flat rows), refinement passes split it with 6
+   pivots around an interpolated crossing (linear in counts; in exp((t - m) / T) for masses)
+   and 2 at 1/3 and 2/3 of its fp32 key range, which guarantees progress on any row; a bracket
+   spanning a single value is its own threshold and needs no candidates.
+Passes measured (debug entry sample_thresholds, V = 32000): next-token-shaped rows 3 for top-p,
+top-k and top-k + top-p + temperature, 2 for min-p alone; flat rows keeping thousands of tokens
+3-5; plain / greedy 1.
 
-Parallelism: one program per row (num_warps=16 for large V). B >= ~100 rows fill an H100;
-at small B each row runs on one SM (a split-row variant would need a grid-wide sync or several
-launches per call; see the report in bench/). Every program uses only its own row's inputs and
-counter-based random numbers, so a row's result does not depend on the batch.
+Memory: passes after the first read only the sub-blocks whose maximum reaches the current
+bracket (masked loads issue no memory traffic) and skip whole tiles by one scalar test, so on
+peaked rows they read a small part of the row (the part most likely still in L2).
 
-Integer work: the Philox noise (10 rounds per 4 elements) is computed only where an element
-can win: every element for plain sampling, blocks holding kept elements otherwise.
+Inside a pass: 2-D tiles [NSUB, SUB] (one warp per sub-block row, 4 contiguous elements per
+thread -> 128-bit loads), per-lane accumulators reduced once after the loop (no block-wide
+reduction, hence no barrier, per tile), and an explicit one-tile-ahead prefetch. The Philox
+noise (10 rounds per 4 elements) is computed only for tiles holding a possible winner.
+
+Parallelism: one program per row (16 warps for V >= 16384). B of about the SM count fills the
+GPU; at small B one SM streams the whole row (splitting a row over several programs needs a
+grid-wide sync or several launches per pass; not done). A program reads only its own row and
+its own counter-based random numbers, so a row's token does not depend on the batch.
 """
 from __future__ import annotations
 
@@ -356,8 +361,15 @@ def _candidate_threshold(kv, e, live, base, target, by_mass, P: tl.constexpr):
     BIG: tl.constexpr = 1 << 40
     k_lo = tl.min(tl.where(live, kv, BIG))
     k_hi = tl.max(tl.where(live, kv, -BIG)) + 1
+    H: tl.constexpr = P // 2
+    j = tl.arange(0, P)
     while (k_hi - k_lo) > 1:
-        piv = k_lo + ((k_hi - k_lo) * (tl.arange(0, P) + 1).to(tl.int64)) // (P + 1)
+        # Half the pivots evenly spaced in value, half in key space (progress on any spread).
+        v_lo = _k2f(k_lo)
+        v_hi = _k2f(k_hi)
+        v_piv = _f2k(v_lo + (v_hi - v_lo) * ((j + 1).to(tl.float32) / (H + 1)))
+        k_piv = k_lo + ((k_hi - k_lo) * (j - H + 1).to(tl.int64)) // (H + 1)
+        piv = tl.minimum(tl.maximum(tl.where(j < H, v_piv, k_piv), k_lo), k_hi)
         ge = live[None, :] & (kv[None, :] >= piv[:, None])
         amount = tl.where(by_mass, tl.sum(tl.where(ge, e[None, :], 0.0), 1), tl.sum(ge.to(tl.float32), 1))
         crit = (base + amount) >= target
@@ -427,27 +439,48 @@ def _bracket(piv, C, W, crit, lo, c_lo, w_lo, hi, c_hi, w_hi):
 
 
 @triton.jit
+def _refine_pivots(lo, c_lo, w_lo, hi, c_hi, w_hi, target, by_mass, m, inv_t, P: tl.constexpr):
+    """P pivots inside [lo, hi): P - 2 around an estimate of the crossing (counts interpolated
+    linearly in value; masses linearly in exp((t - m) / T), i.e. a uniform density of tokens
+    in value), spread +-1.5 %, 5 %, ~17 % of the bracket, and 2 at 1/3 and 2/3 of the
+    bracket's fp32 key range, which guarantee progress on any row."""
+    span = hi - lo
+    f_cnt = (c_lo - target) / tl.maximum(c_lo - c_hi, 1).to(tl.float32)
+    f_lin = (w_lo - target) / tl.maximum(w_lo - w_hi, 1e-30)
+    u_lo = tl.exp((lo - m) * inv_t)
+    u_hi = tl.exp((hi - m) * inv_t)
+    u_t = u_hi - (target - w_hi) / tl.maximum(w_lo - w_hi, 1e-30) * (u_hi - u_lo)
+    t_hat = m + tl.log(tl.maximum(u_t, 1e-30)) / tl.where(inv_t > 0, inv_t, 1.0)
+    f_exp = (t_hat - lo) / span
+    f_mass = tl.where((inv_t > 0) & (f_exp == f_exp), f_exp, f_lin)
+    f = tl.minimum(tl.maximum(tl.where(by_mass, f_mass, f_cnt), 0.0), 1.0)
+    j = tl.arange(0, P)
+    spread = 0.015 * tl.exp2(((2 * j - (P - 3)) // 2).to(tl.float32).abs() * 1.737)  # 0.015, 0.05, 0.167
+    delta = tl.where(2 * j < P - 2, -spread, spread)
+    val_piv = tl.minimum(tl.maximum(lo + (f + delta) * span, lo), hi)
+    k_lo = _f2k(lo)
+    k_hi = _f2k(hi)
+    key_piv = _k2f(k_lo + ((k_hi - k_lo) * (j - (P - 3)).to(tl.int64)) // 3)
+    return tl.where(j < P - 2, val_piv, key_piv)
+
+
+@triton.jit
 def _refine(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, tilemax_ptr, lo, c_lo, w_lo, hi, c_hi,
             w_hi, target, by_mass, m, inv_t, SOURCE: tl.constexpr, MIX_PAD: tl.constexpr, NSUB: tl.constexpr,
             SUB: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr):
-    """Split [lo, hi) with P pivots evenly spaced in key space until it holds <= CAP elements or a
-    single value. Criterion: W(t) >= target if by_mass else C(t) >= target. Returns the bracket
-    and the number of passes made."""
+    """Split [lo, hi) with P pivots per pass until it holds <= CAP elements or a single value.
+    Criterion: W(t) >= target if by_mass else C(t) >= target. Returns the bracket and the number
+    of passes made."""
     n_pass = 0
-    k_lo = _f2k(lo)
-    k_hi = _f2k(hi)
-    go = ((c_lo - c_hi) > CAP) & ((k_hi - k_lo) > 1)
+    go = ((c_lo - c_hi) > CAP) & ((_f2k(hi) - _f2k(lo)) > 1)
     while go:
-        j = (tl.arange(0, P) + 1).to(tl.int64)
-        piv = _k2f(k_lo + ((k_hi - k_lo) * j) // (P + 1))
+        piv = _refine_pivots(lo, c_lo, w_lo, hi, c_hi, w_hi, target, by_mass, m, inv_t, P)
         C, W, _z = _pivot_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, tilemax_ptr, piv, lo,
                                m, inv_t, SOURCE, MIX_PAD, NSUB, SUB, P)
         crit = tl.where(by_mass, W >= target, C.to(tl.float32) >= target)
         lo, c_lo, w_lo, hi, c_hi, w_hi = _bracket(piv, C, W, crit, lo, c_lo, w_lo, hi, c_hi, w_hi)
-        k_lo = _f2k(lo)
-        k_hi = _f2k(hi)
         n_pass += 1
-        go = ((c_lo - c_hi) > CAP) & ((k_hi - k_lo) > 1) & (n_pass < _MAX_REFINE)
+        go = ((c_lo - c_hi) > CAP) & ((_f2k(hi) - _f2k(lo)) > 1) & (n_pass < _MAX_REFINE)
     return lo, c_lo, w_lo, hi, c_hi, w_hi, n_pass
 
 
@@ -488,8 +521,14 @@ def _truncated_draw(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_p
         # Ladder: pivots below the max in units of T (clamped, so that a huge T still spreads
         # them). With top-p the pass reads the whole row, giving Z; top-k alone skips every
         # sub-block below the lowest pivot.
-        j = tl.arange(0, P).to(tl.float32)
-        piv = m - (0.5 + 0.5 * j + 0.15 * j * j) * tl.minimum(temp, 4.0)
+        # Mass pivots sit at depths 0.5 .. 12.4 (x T) below the max, count pivots at 1/64 .. 1/2
+        # of the row's range (geometric); with both filters on they alternate.
+        j = tl.arange(0, P)
+        jf = j.to(tl.float32)
+        d_mass = (0.5 + 0.5 * jf + 0.15 * jf * jf) * tl.minimum(temp, 4.0)
+        d_count = (m - x_min) * tl.exp2(-6.0 + jf * (5.0 / (P - 1)))
+        use_count = tl.where(p_on, (k_eff > 0) & (j % 2 == 1), k_eff > 0)
+        piv = m - tl.where(use_count, d_count, d_mass)
         lo_skip = tl.where(p_on, NEG_INF, tl.min(piv, 0))
         C, W, z = _pivot_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, tilemax_ptr, piv,
                               lo_skip, m, inv_t, SOURCE, MIX_PAD, NSUB, SUB, P)
@@ -614,7 +653,10 @@ def _row_param(ptr, stride, scalar, row, HAS: tl.constexpr, DTYPE: tl.constexpr)
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s"])
+# Scalars that vary per call or per vocabulary are not specialised (each specialisation is another
+# compile on a fresh machine); V keeps its divisibility-by-16 specialisation, which lets the
+# bounds mask of the vectorised loads be proven uniform.
+@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s", "M", "n_sub", "n_tiles"])
 def _sample_kernel(
     logits_ptr, stride_lb, stride_lv, V,
     temp_ptr, stride_temp, temp_s,

@@ -46,11 +46,11 @@ def draw_members(w, seed, offset, M, M_PAD: tl.constexpr):
     return tl.where(bad, -1, j)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "B", "seed_s", "off_s"])
 def _select_members_kernel(
     w_ptr, stride_wb, stride_wm, M, B,
-    seed_ptr, stride_seed, seed_s,
-    off_ptr, stride_off, off_s,
+    seed_ptr, stride_seed, seed_s: tl.int64,
+    off_ptr, stride_off, off_s: tl.int64,
     out_ptr,
     HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_B: tl.constexpr,
