@@ -139,7 +139,7 @@ def _mixture_logprobs_kernel(
 
 
 @triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s", "M", "n_chunks", "n_sub",
-                             "n_tiles"])
+                             "n_tiles", "debug"])
 def _mixture_sample_kernel(
     logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
     w_ptr, stride_wb, stride_wm, part_ptr, n_chunks,
@@ -149,9 +149,9 @@ def _mixture_sample_kernel(
     minp_ptr, stride_minp, minp_s,
     seed_ptr, stride_seed, seed_s: tl.int64,
     off_ptr, stride_off, off_s: tl.int64,
-    tok_ptr, submax_ptr, n_sub, tilemax_ptr, n_tiles, cand_v_ptr, cand_i_ptr, dbg_ptr,
+    tok_ptr, submax_ptr, n_sub, tilemax_ptr, n_tiles, cand_v_ptr, cand_i_ptr, dbg_ptr, debug,
     HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, HAS_MINP: tl.constexpr,
-    HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr, DEBUG: tl.constexpr,
+    HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr,
     MIX_PAD: tl.constexpr, CH_PAD: tl.constexpr,
     NSUB: tl.constexpr, SUB: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr,
 ):
@@ -169,7 +169,7 @@ def _mixture_sample_kernel(
         temp, top_k, top_p, min_p, seed, offset, row_ok,
         _MIXTURE_STREAM, 1, MIX_PAD, NSUB, SUB, P, CAP)
     tl.store(tok_ptr + row, token.to(tl.int64))
-    if DEBUG:
+    if debug != 0:
         tl.store(dbg_ptr + row * 4 + 0, tau_k)
         tl.store(dbg_ptr + row * 4 + 1, tau_p)
         tl.store(dbg_ptr + row * 4 + 2, passes.to(tl.float32))
@@ -206,8 +206,8 @@ def _partials(logits, cfg):
     return part, per, n_chunks, mix_pad
 
 
-def _partials_config(vocab: int) -> dict:
-    cfg = block_config(vocab)
+def _partials_config(vocab: int, device) -> dict:
+    cfg = block_config(vocab, interpreted=device.type != "cuda")
     # The partials / log-prob kernels use 4-row tiles (4 warps) so that many programs share an SM.
     return {**cfg, "NSUB": 4}
 
@@ -217,7 +217,7 @@ def _launch_logprobs(logits, weights):
     out = torch.empty((batch, vocab), dtype=torch.float32, device=logits.device)
     if batch == 0:
         return out
-    cfg = _partials_config(vocab)
+    cfg = _partials_config(vocab, logits.device)
     part, per, n_chunks, mix_pad = _partials(logits, cfg)
     _mixture_logprobs_kernel[(batch, n_chunks)](
         logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
@@ -234,9 +234,9 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     if batch == 0:
         return tokens
-    pcfg = _partials_config(vocab)
+    pcfg = _partials_config(vocab, device)
     part, _per, n_chunks, mix_pad = _partials(logits, pcfg)
-    cfg = block_config(vocab, cap)
+    cfg = block_config(vocab, cap, interpreted=device.type != "cuda")
     if cfg["num_warps"] > 8:
         # M member tiles (and their prefetch) are live at once: 8 warps leave 255 registers each.
         cfg = {**cfg, "NSUB": 8, "num_warps": 8}
@@ -253,10 +253,10 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
         *tensor_args(temp), *tensor_args(top_k), *tensor_args(top_p), *tensor_args(min_p),
         *tensor_args(seed), *tensor_args(offset),
         tokens, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
-        debug if debug is not None else dummy,
+        debug if debug is not None else dummy, int(debug is not None),
         HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
         HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
-        DEBUG=debug is not None, MIX_PAD=mix_pad, CH_PAD=triton.next_power_of_2(n_chunks),
+        MIX_PAD=mix_pad, CH_PAD=triton.next_power_of_2(n_chunks),
         NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
     )
     return tokens

@@ -656,7 +656,8 @@ def _row_param(ptr, stride, scalar, row, HAS: tl.constexpr, DTYPE: tl.constexpr)
 # Scalars that vary per call or per vocabulary are not specialised (each specialisation is another
 # compile on a fresh machine); V keeps its divisibility-by-16 specialisation, which lets the
 # bounds mask of the vectorised loads be proven uniform.
-@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s", "M", "n_sub", "n_tiles"])
+@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s", "M", "n_sub", "n_tiles",
+                             "debug"])
 def _sample_kernel(
     logits_ptr, stride_lb, stride_lv, V,
     temp_ptr, stride_temp, temp_s,
@@ -666,10 +667,10 @@ def _sample_kernel(
     seed_ptr, stride_seed, seed_s: tl.int64,
     off_ptr, stride_off, off_s: tl.int64,
     w_ptr, stride_wb, stride_wm, M,
-    tok_ptr, mem_ptr, submax_ptr, n_sub, tilemax_ptr, n_tiles, cand_v_ptr, cand_i_ptr, dbg_ptr,
+    tok_ptr, mem_ptr, submax_ptr, n_sub, tilemax_ptr, n_tiles, cand_v_ptr, cand_i_ptr, dbg_ptr, debug,
     HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, HAS_MINP: tl.constexpr,
     HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr,
-    SELECT: tl.constexpr, SHARED: tl.constexpr, M_PAD: tl.constexpr, DEBUG: tl.constexpr,
+    SELECT: tl.constexpr, SHARED: tl.constexpr, M_PAD: tl.constexpr,
     NSUB: tl.constexpr, SUB: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -687,7 +688,7 @@ def _sample_kernel(
         temp, top_k, top_p, min_p, seed, offset, True,
         _TOKEN_STREAM, 0, 1, NSUB, SUB, P, CAP)
     tl.store(tok_ptr + row, token.to(tl.int64))
-    if DEBUG:
+    if debug != 0:  # a runtime flag, not a constexpr: no extra compilation for the debug entry
         tl.store(dbg_ptr + row * 4 + 0, tau_k)
         tl.store(dbg_ptr + row * 4 + 1, tau_p)
         tl.store(dbg_ptr + row * 4 + 2, passes.to(tl.float32))
@@ -712,18 +713,24 @@ def _sample_kernel(
 _PIVOTS = 8  # pivots per bracketing pass
 
 
-def block_config(vocab: int, cap: int | None = None) -> dict:
+def block_config(vocab: int, cap: int | None = None, *, interpreted: bool = False) -> dict:
     """Tile of one loop step: NSUB sub-blocks of SUB elements (one warp per sub-block row, 4
-    contiguous elements per thread), CAP candidate slots, P pivots per bracketing pass."""
+    contiguous elements per thread), CAP candidate slots, P pivots per bracketing pass.
+
+    On the GPU there are three size classes only (each is a separate compilation on a fresh
+    machine); under the interpreter the tile and the candidate slots shrink to small rows, whose
+    cost there is per operation and per element.
+    """
     if vocab >= 16384:
         nsub, sub, warps, default_cap = 16, 128, 16, 4096
     elif vocab >= 2048:
         nsub, sub, warps, default_cap = 8, 128, 8, 2048
     else:
-        sub = min(128, max(4, triton.next_power_of_2(triton.cdiv(vocab, 4))))
-        nsub, warps, default_cap = 4, 4, 1024
-    # No more candidate slots than the vocabulary needs (the upper set then always fits).
-    cap = min(default_cap, max(16, triton.next_power_of_2(vocab))) if cap is None else cap
+        nsub, sub, warps, default_cap = 4, 128, 4, 1024
+        if interpreted:
+            sub = min(128, max(4, triton.next_power_of_2(triton.cdiv(vocab, 4))))
+            default_cap = min(default_cap, max(16, triton.next_power_of_2(vocab)))
+    cap = default_cap if cap is None else cap
     if cap < 2 or cap & (cap - 1):
         raise ValueError(f"cap must be a power of two >= 2, got {cap}")
     return {"NSUB": nsub, "SUB": sub, "CAP": cap, "P": _PIVOTS, "num_warps": warps}
@@ -749,7 +756,7 @@ def _launch_sample(logits, temp, top_k, top_p, min_p, seed, offset, weights=None
     members = torch.empty(batch if select else 0, dtype=torch.int32, device=device)
     if batch == 0:
         return tokens, members
-    cfg = block_config(vocab, cap)
+    cfg = block_config(vocab, cap, interpreted=device.type != "cuda")
     submax, tilemax, cand_v, cand_i = scratch_for(batch, vocab, cfg, device)
     dummy = tokens
 
@@ -770,10 +777,10 @@ def _launch_sample(logits, temp, top_k, top_p, min_p, seed, offset, weights=None
         *tensor_args(seed), *tensor_args(offset),
         *w_args,
         tokens, members, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
-        debug if debug is not None else dummy,
+        debug if debug is not None else dummy, int(debug is not None),
         HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
         HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
-        SELECT=select, SHARED=bool(shared), M_PAD=m_pad, DEBUG=debug is not None,
+        SELECT=select, SHARED=bool(shared), M_PAD=m_pad,
         NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
     )
     return tokens, members

@@ -129,7 +129,7 @@ def test_select_members_cpu_reference_path(monkeypatch):
                                     dict(temperature=0.0)], ids=["plain", "top_p", "top_k+min_p", "greedy"])
 def test_me_step_contract(kernel_device, params):
     gen = _gen(31)
-    b, v, m = 8, 500, 3
+    b, v, m = 8, 512, 3
     d = kernel_device
     x = llm_like_logits(b, v, gen).to(d)
     w = torch.rand(b, m, generator=gen).to(d)
@@ -146,7 +146,7 @@ def test_me_step_contract(kernel_device, params):
 
 def test_me_step_shared_and_shared_weights(kernel_device):
     gen = _gen(32)
-    b, v = 6, 300
+    b, v = 6, 304
     d = kernel_device
     x = llm_like_logits(b, v, gen).to(d)
     w_rows = torch.rand(b, 4, generator=gen).to(d)
@@ -180,7 +180,7 @@ def test_me_step_bad_device_weight_row(kernel_device):
     from me_kernels.sampling import _launch_sample
     from me_kernels._validate import RowParam
 
-    x = torch.randn(3, 40, generator=_gen(2)).to(kernel_device)
+    x = torch.randn(3, 48, generator=_gen(2)).to(kernel_device)
     w = torch.tensor([[1.0, 1.0], [0.0, 0.0], [float("nan"), 1.0]], device=kernel_device)
     p = RowParam(None, 1.0)
     tokens, members = _launch_sample(x, p, RowParam(None, 0), p, RowParam(None, 0.0), RowParam(None, 1),
