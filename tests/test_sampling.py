@@ -132,6 +132,16 @@ def test_reference_chi_square(params):
     chi2_check(tokens, probs, f"reference {params}")
 
 
+def test_reference_plain_fast_path_equals_sorted_path():
+    """Host-known scalars that switch top-k / top-p off skip the sort: same tokens."""
+    x = torch.randn(40, 300, generator=_gen(12))
+    x[3, 5], x[4, :] = INF, NEG
+    zeros_k = torch.zeros(40, dtype=torch.int64)
+    for params in (dict(), dict(temperature=0.0), dict(temperature=0.5, min_p=0.1)):
+        fast = R.sample_reference(x, seed=torch.arange(40), **params)
+        assert torch.equal(fast, R.sample_reference(x, top_k=zeros_k, seed=torch.arange(40), **params))
+
+
 def test_reference_plus_inf_rows_are_uniform_over_inf_entries():
     n = 20000
     row = [0.0, INF, 5.0, INF, NEG, INF, 1e30]
