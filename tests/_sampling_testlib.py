@@ -123,6 +123,29 @@ def assert_tokens_match(got, want, logits, *, temperature=1.0, top_k=0, top_p=1.
         assert near_tie or on_edge, f"row {r}: kernel token {g} (score {sg}) vs reference {w} (score {sw})"
 
 
+def borderline_rows(x: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rel=1e-5) -> torch.Tensor:
+    """bool [B]: rows whose kept set depends on fp32 rounding (a top-p crossing within `rel` of
+    its target, or a value within `rel` of the min-p cut); kernels using a different exp or
+    summation order may legitimately resolve them differently."""
+    b = x.shape[0]
+    temp, k, p, mp, _ = R._sampling_rows(b, x.device, temperature, top_k, top_p, min_p)
+    th = R.sampling_thresholds_reference(x, temp, k, p, mp)
+    e = torch.exp((x - th["m"][:, None]) * th["inv_t"][:, None]).double()
+    e = torch.where(x > float("-inf"), e, torch.zeros_like(e))
+    order = torch.argsort(x, dim=1, descending=True)
+    es = e.gather(1, order)
+    sv = x.gather(1, order)
+    in_k = sv >= th["tau_k"][:, None]
+    cum = torch.cumsum(es * in_k, dim=1)
+    theta = p.double() * (es * in_k).sum(dim=1)
+    # Only the cumulative mass at the end of each group of equal values decides the kept set.
+    group_end = torch.ones_like(in_k)
+    group_end[:, :-1] = sv[:, :-1] != sv[:, 1:]
+    close_p = (((cum - theta[:, None]).abs() <= rel * theta[:, None]) & group_end).any(dim=1) & (p < 1)
+    close_m = ((e - mp.double()[:, None]).abs() <= rel * mp.double()[:, None]).any(dim=1) & (mp > 0)
+    return close_p | close_m
+
+
 def _cpu(v):
     return v.cpu() if isinstance(v, torch.Tensor) else v
 
