@@ -81,7 +81,8 @@ def _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch):
         return out
     stride_wb = weights.stride(0) if weights.dim() == 2 else 0
     m_pad = triton.next_power_of_2(m)
-    block_b = max(1, min(128, triton.next_power_of_2(batch), 4096 // m_pad))
+    # Two row-block classes only: each distinct BLOCK_B is another compilation.
+    block_b = max(1, min(16 if batch <= 16 else 128, 4096 // m_pad))
     grid = (triton.cdiv(batch, block_b),)
     _select_members_kernel[grid](
         weights, stride_wb, weights.stride(-1), m, batch,
