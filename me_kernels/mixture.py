@@ -42,6 +42,7 @@ __all__ = ["mixture_logprobs", "mixture_sample"]
 
 _MIXTURE_STREAM = tl.constexpr(STREAM_MIXTURE)
 _FIELDS = tl.constexpr(5)  # per (row, chunk, member): max, sum exp(l - max), #NaN, #+inf, #finite
+_MAX_CHUNKS = 64  # chunks per row of the partials kernel; also the (fixed) merge width CH_PAD
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_chunk", "n_chunks"])
@@ -186,7 +187,7 @@ def _chunking(batch: int, n_tiles: int, device) -> tuple[int, int]:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 4
-    want = max(1, min(n_tiles, triton.cdiv(2 * sms, max(batch, 1)), 64))
+    want = max(1, min(n_tiles, triton.cdiv(2 * sms, max(batch, 1)), _MAX_CHUNKS))
     per = triton.cdiv(n_tiles, want)
     return per, triton.cdiv(n_tiles, per)
 
@@ -223,7 +224,7 @@ def _launch_logprobs(logits, weights):
         logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
         weights, weights.stride(0) if weights.dim() == 2 else 0, weights.stride(-1),
         part, per, n_chunks, out, out.stride(0),
-        MIX_PAD=mix_pad, CH_PAD=triton.next_power_of_2(n_chunks), NSUB=4, SUB=cfg["SUB"], num_warps=4,
+        MIX_PAD=mix_pad, CH_PAD=_MAX_CHUNKS, NSUB=4, SUB=cfg["SUB"], num_warps=4,
     )
     return out
 
@@ -256,7 +257,7 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
         debug if debug is not None else dummy, int(debug is not None),
         HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
         HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
-        MIX_PAD=mix_pad, CH_PAD=triton.next_power_of_2(n_chunks),
+        MIX_PAD=mix_pad, CH_PAD=_MAX_CHUNKS,
         NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
     )
     return tokens
