@@ -43,6 +43,7 @@ __all__ = [
     "gumbel_at",
     "uniforms_torch",
     "gumbel_torch",
+    "uniforms_triton",
 ]
 
 STREAM_TOKEN = 0
@@ -179,3 +180,36 @@ def uniforms_torch(seed: torch.Tensor, offset: torch.Tensor, stream: int, n: int
 def gumbel_torch(seed: torch.Tensor, offset: torch.Tensor, stream: int, n: int) -> torch.Tensor:
     """fp32 [B, n] Gumbel(0, 1) noise, -log(-log(u)) of `uniforms_torch`."""
     return -torch.log(-torch.log(uniforms_torch(seed, offset, stream, n)))
+
+
+# --------------------------------------------------------------------------------------------
+# Test / debug entry: the uniforms the kernels draw, computed by a Triton kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _uniforms_kernel(seed_ptr, off_ptr, out_ptr, n, stream: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seed_ptr + row)
+    offset = tl.load(off_ptr + row)
+    k0, k1 = _key_words(seed)
+    o_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
+    o_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    start = tl.program_id(1) * BLOCK
+    c0 = ((start // 4) + tl.arange(0, BLOCK // 4)).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = philox4x32_10(c0, zero + o_lo, zero + o_hi, zero + stream, k0, k1)
+    u = uniform_from_bits(tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3)))
+    offs = start + tl.arange(0, BLOCK)
+    tl.store(out_ptr + row * n + offs, u, mask=offs < n)
+
+
+def uniforms_triton(seed: torch.Tensor, offset: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """fp32 [B, n]: the uniforms of elements 0..n-1 drawn by the Triton kernels (CUDA tensors, or
+    CPU tensors under TRITON_INTERPRET=1); equal bit for bit to `uniforms_torch`."""
+    seed = seed.to(torch.int64).contiguous()
+    offset = offset.to(torch.int64).contiguous()
+    out = torch.empty((seed.shape[0], n), dtype=torch.float32, device=seed.device)
+    block = 256
+    _uniforms_kernel[(seed.shape[0], triton.cdiv(n, block))](seed, offset, out, n, stream, BLOCK=block)
+    return out

@@ -128,23 +128,23 @@ def _float_param(value, name, batch, device, lo, hi, lo_open, hi_open) -> RowPar
     return RowParam(None, x)
 
 
-def _int_param(value, name, batch, device, lo, hi) -> RowParam:
-    """Integer row parameter in [lo, hi). Tensors: any integer dtype."""
+def _int_param(value, name, batch, device, lo) -> RowParam:
+    """Integer row parameter >= lo. Tensors: any integer dtype."""
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
         t = _row_tensor(value, name, batch, device)
         if t.device.type == "cpu" and t.numel() > 0:
-            bad = (t < lo) | (t >= hi) if t.dtype == torch.int64 or hi <= (1 << 62) else (t < lo)
+            bad = t < lo
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
-                raise ValueError(f"{name}[{row}] = {int(t[row])} is outside the allowed range [{lo}, {hi})")
+                raise ValueError(f"{name}[{row}] = {int(t[row])} is outside the allowed range [{lo}, inf)")
         return RowParam(t, 0)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or an integer tensor of shape [B], got {_type_name(value)}")
     v = int(value)
-    if not lo <= v < hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}), got {v}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
     return RowParam(None, v)
 
 
@@ -157,7 +157,7 @@ def sampling_params(batch: int, device: torch.device, temperature, top_k, top_p,
     every token, exactly as any k >= V does).
     """
     temp = _float_param(temperature, "temperature", batch, device, 0.0, math.inf, False, False)
-    k = _int_param(top_k, "top_k", batch, device, 0, 1 << 63)
+    k = _int_param(top_k, "top_k", batch, device, 0)
     if k.tensor is not None:
         k = RowParam(k.tensor.clamp(max=(1 << 31) - 1).to(torch.int32), 0)
     else:

@@ -41,10 +41,11 @@ from .sampling import NEG_INF, POS_INF, _load_raw, _row_param, _sample_row, _til
 __all__ = ["mixture_logprobs", "mixture_sample"]
 
 _MIXTURE_STREAM = tl.constexpr(STREAM_MIXTURE)
-_FIELDS = 5  # per (row, chunk, member): max, sum exp(l - max), #NaN, #+inf, #finite
+_FIELDS = tl.constexpr(5)  # per (row, chunk, member): max, sum exp(l - max), #NaN, #+inf, #finite
+_MAX_CHUNKS = 64  # chunks per row of the partials kernel; also the (fixed) merge width CH_PAD
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "tiles_per_chunk", "n_chunks"])
 def _mixture_partials_kernel(
     logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
     part_ptr, tiles_per_chunk, n_chunks,
@@ -57,10 +58,10 @@ def _mixture_partials_kernel(
     src = logits_ptr + row * stride_lb
     live = tl.full([MIX_PAD], 0.0, tl.float32)  # c = 0 for every member: read them all
     mx = tl.full([MIX_PAD], NEG_INF, tl.float32)
-    se = tl.zeros([MIX_PAD], dtype=tl.float32)
-    n_nan = tl.zeros([MIX_PAD], dtype=tl.float32)
-    n_pinf = tl.zeros([MIX_PAD], dtype=tl.float32)
-    n_fin = tl.zeros([MIX_PAD], dtype=tl.float32)
+    se = tl.full([MIX_PAD], 0, tl.float32)
+    n_nan = tl.full([MIX_PAD], 0, tl.float32)
+    n_pinf = tl.full([MIX_PAD], 0, tl.float32)
+    n_fin = tl.full([MIX_PAD], 0, tl.float32)
     t = chunk * tiles_per_chunk
     t_end = t + tiles_per_chunk
     while t < t_end:  # a while loop: the interpreter cannot range() over runtime scalars
@@ -116,7 +117,7 @@ def _mixture_constants(part_ptr, row, n_chunks, w_ptr, stride_wb, stride_wm, M,
     return c, n_pinf > 0, row_ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "tiles_per_chunk", "n_chunks"])
 def _mixture_logprobs_kernel(
     logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
     w_ptr, stride_wb, stride_wm,
@@ -138,7 +139,8 @@ def _mixture_logprobs_kernel(
         t += 1
 
 
-@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s"])
+@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s", "M", "n_chunks", "n_sub",
+                             "n_tiles", "debug"])
 def _mixture_sample_kernel(
     logits_ptr, stride_lm, stride_lb, stride_lv, V, M,
     w_ptr, stride_wb, stride_wm, part_ptr, n_chunks,
@@ -148,9 +150,9 @@ def _mixture_sample_kernel(
     minp_ptr, stride_minp, minp_s,
     seed_ptr, stride_seed, seed_s: tl.int64,
     off_ptr, stride_off, off_s: tl.int64,
-    tok_ptr, submax_ptr, n_sub, tilemax_ptr, n_tiles, cand_v_ptr, cand_i_ptr, dbg_ptr,
+    tok_ptr, submax_ptr, n_sub, tilemax_ptr, n_tiles, cand_v_ptr, cand_i_ptr, dbg_ptr, debug,
     HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, HAS_MINP: tl.constexpr,
-    HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr, DEBUG: tl.constexpr,
+    HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr,
     MIX_PAD: tl.constexpr, CH_PAD: tl.constexpr,
     NSUB: tl.constexpr, SUB: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr,
 ):
@@ -168,7 +170,7 @@ def _mixture_sample_kernel(
         temp, top_k, top_p, min_p, seed, offset, row_ok,
         _MIXTURE_STREAM, 1, MIX_PAD, NSUB, SUB, P, CAP)
     tl.store(tok_ptr + row, token.to(tl.int64))
-    if DEBUG:
+    if debug != 0:
         tl.store(dbg_ptr + row * 4 + 0, tau_k)
         tl.store(dbg_ptr + row * 4 + 1, tau_p)
         tl.store(dbg_ptr + row * 4 + 2, passes.to(tl.float32))
@@ -185,7 +187,7 @@ def _chunking(batch: int, n_tiles: int, device) -> tuple[int, int]:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 4
-    want = max(1, min(n_tiles, triton.cdiv(2 * sms, max(batch, 1)), 64))
+    want = max(1, min(n_tiles, triton.cdiv(2 * sms, max(batch, 1)), _MAX_CHUNKS))
     per = triton.cdiv(n_tiles, want)
     return per, triton.cdiv(n_tiles, per)
 
@@ -196,7 +198,7 @@ def _partials(logits, cfg):
     n_tiles = triton.cdiv(vocab, block)
     per, n_chunks = _chunking(batch, n_tiles, logits.device)
     mix_pad = triton.next_power_of_2(num_members)
-    part = torch.empty((batch, n_chunks, _FIELDS, mix_pad), dtype=torch.float32, device=logits.device)
+    part = torch.empty((batch, n_chunks, _FIELDS.value, mix_pad), dtype=torch.float32, device=logits.device)
     _mixture_partials_kernel[(batch, n_chunks)](
         logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
         part, per, n_chunks,
@@ -205,8 +207,8 @@ def _partials(logits, cfg):
     return part, per, n_chunks, mix_pad
 
 
-def _partials_config(vocab: int) -> dict:
-    cfg = block_config(vocab)
+def _partials_config(vocab: int, device) -> dict:
+    cfg = block_config(vocab, interpreted=device.type != "cuda")
     # The partials / log-prob kernels use 4-row tiles (4 warps) so that many programs share an SM.
     return {**cfg, "NSUB": 4}
 
@@ -216,13 +218,13 @@ def _launch_logprobs(logits, weights):
     out = torch.empty((batch, vocab), dtype=torch.float32, device=logits.device)
     if batch == 0:
         return out
-    cfg = _partials_config(vocab)
+    cfg = _partials_config(vocab, logits.device)
     part, per, n_chunks, mix_pad = _partials(logits, cfg)
     _mixture_logprobs_kernel[(batch, n_chunks)](
         logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
         weights, weights.stride(0) if weights.dim() == 2 else 0, weights.stride(-1),
         part, per, n_chunks, out, out.stride(0),
-        MIX_PAD=mix_pad, CH_PAD=triton.next_power_of_2(n_chunks), NSUB=4, SUB=cfg["SUB"], num_warps=4,
+        MIX_PAD=mix_pad, CH_PAD=_MAX_CHUNKS, NSUB=4, SUB=cfg["SUB"], num_warps=4,
     )
     return out
 
@@ -233,9 +235,12 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     if batch == 0:
         return tokens
-    pcfg = _partials_config(vocab)
+    pcfg = _partials_config(vocab, device)
     part, _per, n_chunks, mix_pad = _partials(logits, pcfg)
-    cfg = block_config(vocab, cap)
+    cfg = block_config(vocab, cap, interpreted=device.type != "cuda")
+    if cfg["num_warps"] > 8:
+        # M member tiles (and their prefetch) are live at once: 8 warps leave 255 registers each.
+        cfg = {**cfg, "NSUB": 8, "num_warps": 8}
     submax, tilemax, cand_v, cand_i = scratch_for(batch, vocab, cfg, device)
     dummy = tokens
 
@@ -249,10 +254,10 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
         *tensor_args(temp), *tensor_args(top_k), *tensor_args(top_p), *tensor_args(min_p),
         *tensor_args(seed), *tensor_args(offset),
         tokens, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
-        debug if debug is not None else dummy,
+        debug if debug is not None else dummy, int(debug is not None),
         HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
         HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
-        DEBUG=debug is not None, MIX_PAD=mix_pad, CH_PAD=triton.next_power_of_2(n_chunks),
+        MIX_PAD=mix_pad, CH_PAD=_MAX_CHUNKS,
         NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
     )
     return tokens

@@ -124,11 +124,12 @@ def _prepare_rows(x: torch.Tensor):
     return x, nan_row | no_finite, has_pinf
 
 
-def sampling_thresholds_reference(x: torch.Tensor, temperature, top_k, top_p, min_p):
+def sampling_thresholds_reference(x: torch.Tensor, temperature, top_k, top_p, min_p, *, sort: bool = True):
     """Sort-based truncation thresholds for fp32 logits x [B, V] without NaN or +inf (remap
     first). Parameters are tensors [B]. Returns a dict with m (row max), inv_t (1 / T), tau_k,
     tau_p (-inf where the filter is off), z (sum of e), z_k (mass of the top-k set) and kept
-    (bool [B, V], the kept set; for greedy rows every entry equal to the maximum)."""
+    (bool [B, V], the kept set; for greedy rows every entry equal to the maximum).
+    sort=False may be passed when top-k and top-p are known to be off for every row."""
     neg = float("-inf")
     finite = x > neg
     n_fin = finite.sum(dim=1)
@@ -143,6 +144,13 @@ def sampling_thresholds_reference(x: torch.Tensor, temperature, top_k, top_p, mi
         e = torch.exp((v - m_safe[:, None]) * inv_t[:, None])
         return torch.where(v > neg, e, torch.zeros_like(e))
 
+    if not sort:
+        neg_row = torch.full_like(m_safe, neg)
+        z = weight(x).sum(dim=1)
+        kept = finite & (weight(x) >= min_p[:, None])
+        kept = torch.where(greedy[:, None], finite & (x == m[:, None]), kept)
+        return {"m": m_safe, "inv_t": inv_t, "greedy": greedy, "tau_k": neg_row, "tau_p": neg_row, "z": z, "z_k": z,
+                "kept": kept}
     sv = torch.sort(x, dim=1, descending=True).values
     es = weight(sv)
     k_eff = torch.where((top_k > 0) & (top_k < n_fin), top_k, torch.zeros_like(top_k))
@@ -177,8 +185,11 @@ def _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset
 
     batch, vocab = x.shape
     temp, k, p, mp, bad = _sampling_rows(batch, x.device, temperature, top_k, top_p, min_p)
+    # Host-known parameters that switch top-k and top-p off need no sort (the CPU path's plain
+    # sampling); tensor parameters are not inspected (that could synchronise a device).
+    no_sort = not isinstance(top_k, torch.Tensor) and top_k == 0 and not isinstance(top_p, torch.Tensor) and top_p >= 1
     th = sampling_thresholds_reference(x, temp.clamp(min=0).nan_to_num(0.0), k.clamp(min=0),
-                                       p.nan_to_num(1.0), mp.nan_to_num(0.0))
+                                       p.nan_to_num(1.0), mp.nan_to_num(0.0), sort=not no_sort)
     g = gumbel_torch(_row_seeds(seed, batch, x.device), _row_seeds(offset, batch, x.device), stream, vocab)
     score = (x - th["m"][:, None]) * th["inv_t"][:, None] + g
     score = torch.where(th["kept"], score, torch.full_like(score, float("-inf")))

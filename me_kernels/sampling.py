@@ -1,47 +1,52 @@
 """Fused on-device sampling: temperature -> top-k -> top-p -> min-p -> draw, one launch, no sort.
 
-Semantics: see the sampling section of me_kernels.reference (kept sets are thresholds on the
-logits, ties kept, the top-p crossing token kept; NaN / all -inf rows -> -1; +inf entries are
-drawn uniformly). Randomness: Philox keyed by (seed[b], offset[b]) (me_kernels._random).
+Semantics: the sampling section of me_kernels.reference (kept sets are thresholds on the logits,
+ties kept, the top-p crossing token kept; NaN / all -inf rows -> -1; +inf entries drawn
+uniformly). Randomness: Philox-4x32-10 keyed by (seed[b], offset[b]) (me_kernels._random).
 
-Design (one program per row; the row is streamed from global memory a few times)
-------------------------------------------------------------------------------
-Everything that decides a token is a threshold on the row's values: the kept set is
-{x >= max(tau_k, tau_p)} intersected with the min-p set, and the token is the Gumbel-max
-argmax_i (x_i - m) / T + G_i over it. So no sort of V is needed, only the two thresholds:
+Design: one program per row, the row streamed a few times, no sort of V
+-----------------------------------------------------------------------
+Every decision is a threshold on the row's values: the kept set is {x >= max(tau_k, tau_p)}
+intersected with the min-p set {exp((x - m) / T) >= min_p}, and the token is the Gumbel-max
+argmax_i (x_i - m) / T + G_i over it. Only tau_k and tau_p need finding, exactly:
 
-1. Stats pass (always): NaN / +inf / finite counts, max m, sum Z of e_i = exp((x_i - m) / T)
-   (online rescaling, as in a streaming softmax), greedy argmax, and the max of every SUB-element
-   sub-block (written to a small scratch, used below to skip memory). Rows that need no
-   truncation (greedy, plain sampling, +inf rows) are finished in this single pass: the plain
-   Gumbel-max winner is tracked on the fly against the running maximum.
-2. Ladder pass (only when top-k or top-p is on): the count C(t) and mass W(t) of {x >= t} at P
-   pivots t = m - d_j * T (d_j from 0.5 to ~12, denser near the top, where top-k / top-p
-   thresholds of real next-token distributions lie). This brackets each threshold between two
-   pivots: tau_k in [lo, hi) with C(lo) >= k > C(hi), tau_p with W(lo) >= p Z_k > W(hi).
-3. Candidate pass: the elements in the bracket (or the whole upper set {x >= lo} when it holds
-   at most CAP elements, the usual case for top-k and for top-p on peaked rows) are compacted
-   into a per-row scratch of CAP slots (order-preserving, via a block cumsum). The same pass
-   computes the Gumbel winner among the elements above the bracket, which are kept for sure.
-   The candidates are then sorted in registers (bitonic sort of at most CAP values, not V) and
-   the exact thresholds follow from a cumulative sum; the final winner is the better of the
-   winner above the bracket and the best kept candidate.
-   When a bracket holds more than CAP elements (flat rows), refinement passes split it with P
-   pivots evenly spaced in the order-preserving integer key space of fp32, so the key range
-   shrinks by ~(P + 1) per pass: at most ceil(32 / log2(P + 1)) + 1 passes even for adversarial
-   rows, and a bracket whose key range is a single value resolves without candidates.
-Typical cost: top-p or top-k = 3 passes, top-k + top-p = 3, min-p alone = 2, plain / greedy = 1.
-Passes after the first skip every SUB-element sub-block whose maximum (from pass 1) is below
-the bracket, by masking its loads, so on peaked rows they read a small part of the row, which
-on large batches is also the part most likely still in L2.
+1. Stats pass (always): NaN / +inf / finite counts, max m and its lowest index, min, and the max
+   of every SUB-element sub-block and of every tile (a small per-row scratch). Greedy, plain
+   sampling (the Gumbel winner is tracked on the fly) and NaN / all -inf rows finish here; +inf
+   rows take one more pass that draws among the +inf entries.
+2. Ladder pass (top-k or top-p on): count C(t) and mass W(t) of {x >= t} at P = 8 pivots below
+   m, plus the row's total mass Z. Mass pivots sit at depths 0.5 .. 12.4 x T, count pivots at
+   1/64 .. 1/2 of the row's range (geometric); with both filters on they alternate. This
+   brackets each threshold: tau_k in [lo, hi) with C(lo) >= k > C(hi); tau_p likewise with
+   W(lo) >= top_p * Z_k > W(hi) (Z_k: mass of the top-k set, from phase 1).
+3. Candidate pass: the elements of the bracket are compacted (in index order, via a per-tile
+   cumsum) into a per-row scratch of CAP slots; when the whole upper set {x >= lo} fits, it is
+   compacted instead and every threshold is decided on it. The same pass keeps the Gumbel
+   winner among the elements above the bracket, which are kept whatever the exact threshold.
+   In registers, the exact threshold among <= CAP candidates is found by a bracket search over
+   the candidates (pivots half evenly spaced in value, half in fp32 key space, tightened to the
+   candidates left), not by sorting; the token is the better of the two winners.
+   If a bracket holds more than CAP elements (flat rows), refinement passes split it with 6
+   pivots around an interpolated crossing (linear in counts; in exp((t - m) / T) for masses)
+   and 2 at 1/3 and 2/3 of its fp32 key range, which guarantees progress on any row; a bracket
+   spanning a single value is its own threshold and needs no candidates.
+Passes measured (debug entry sample_thresholds, V = 32000): next-token-shaped rows 3 for top-p,
+top-k and top-k + top-p + temperature, 2 for min-p alone; flat rows keeping thousands of tokens
+3-5; plain / greedy 1.
 
-Parallelism: one program per row (num_warps=16 for large V). B >= ~100 rows fill an H100;
-at small B each row runs on one SM (a split-row variant would need a grid-wide sync or several
-launches per call; see the report in bench/). Every program uses only its own row's inputs and
-counter-based random numbers, so a row's result does not depend on the batch.
+Memory: passes after the first read only the sub-blocks whose maximum reaches the current
+bracket (masked loads issue no memory traffic) and skip whole tiles by one scalar test, so on
+peaked rows they read a small part of the row (the part most likely still in L2).
 
-Integer work: the Philox noise (10 rounds per 4 elements) is computed only where an element
-can win: every element for plain sampling, blocks holding kept elements otherwise.
+Inside a pass: 2-D tiles [NSUB, SUB] (one warp per sub-block row, 4 contiguous elements per
+thread -> 128-bit loads), per-lane accumulators reduced once after the loop (no block-wide
+reduction, hence no barrier, per tile), and an explicit one-tile-ahead prefetch. The Philox
+noise (10 rounds per 4 elements) is computed only for tiles holding a possible winner.
+
+Parallelism: one program per row (16 warps for V >= 16384). B of about the SM count fills the
+GPU; at small B one SM streams the whole row (splitting a row over several programs needs a
+grid-wide sync or several launches per pass; not done). A program reads only its own row and
+its own counter-based random numbers, so a row's token does not depend on the batch.
 """
 from __future__ import annotations
 
@@ -60,8 +65,8 @@ __all__ = ["sample", "me_step", "sample_thresholds"]
 NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
 _TOKEN_STREAM = tl.constexpr(STREAM_TOKEN)
-# Bracket refinement stops after this many passes (unreachable bound: the fp32 key range
-# shrinks by ~(P + 1) per pass; kept as a guarantee against any hang).
+# Bracket refinement stops after this many passes. Unreachable: two pivots per pass at 1/3 and
+# 2/3 of the bracket's fp32 key range shrink it at least 3x, so 2**32 keys take <= 22 passes.
 _MAX_REFINE = tl.constexpr(24)
 
 
@@ -72,9 +77,11 @@ _MAX_REFINE = tl.constexpr(24)
 
 @triton.jit
 def _f2k(x):
-    """fp32 -> int64 key with the same order (for splitting brackets evenly in value space)."""
+    """fp32 -> int64 key with the same order as the values (-0.0 and +0.0 share key 0), used to
+    split brackets evenly and to compare candidates as integers."""
     b = x.to(tl.int32, bitcast=True)
-    return tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)
+    k = tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+    return tl.where(k == -1, 0, k).to(tl.int64)
 
 
 @triton.jit
@@ -117,7 +124,8 @@ def _values(raw, mix_c, mix_pinf, SOURCE: tl.constexpr):
         y = tl.where(c > NEG_INF, lm + c, NEG_INF)
         ymax = tl.max(y, 0)
         safe = tl.where(ymax > NEG_INF, ymax, 0.0)
-        x = tl.where(ymax > NEG_INF, safe + tl.log(tl.sum(tl.exp(y - safe[None, :, :]), 0)), NEG_INF)
+        total = tl.sum(tl.exp(y - safe[None, :, :]), 0)
+        x = tl.where(ymax > NEG_INF, safe + tl.log(tl.where(ymax > NEG_INF, total, 1.0)), NEG_INF)
     return x
 
 
@@ -132,8 +140,8 @@ def _sub_active(submax_ptr, tile, n_tiles, lo, NSUB: tl.constexpr):
 @triton.jit
 def _lane_argbest(score, idx):
     """(best score, lowest index among the best) of per-lane candidates; index -1 if none."""
-    bs = tl.max(tl.max(score, 1), 0)
-    bi = tl.min(tl.min(tl.where((score == bs) & (idx >= 0), idx, 2147483647), 1), 0)
+    bs = tl.max(score)
+    bi = tl.min(tl.where((score == bs) & (idx >= 0), idx, 2147483647))
     return tl.where(bs > NEG_INF, bi, -1), bs
 
 
@@ -148,12 +156,12 @@ def _stats_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
     n_tiles = (V + BLOCK - 1) // BLOCK
     offs = _tile_offsets(0, NSUB, SUB)
     raw = _load_raw(src_ptr, stride_m, stride_v, offs, offs < V, mix_c, M, SOURCE, MIX_PAD)
-    # Scores are compared against a fixed reference (the first tile's max) while streaming and
-    # against the exact row max at the end.
+    # Plain sampling compares scores (x - ref) / T + G against a fixed reference, the first tile's
+    # max (the row max is not known yet): the same order as (x - m) / T + G up to fp32 rounding.
     x0 = _values(raw, mix_c, mix_pinf, SOURCE)
-    c0 = tl.max(tl.max(tl.where((x0 > NEG_INF) & (x0 < POS_INF), x0, NEG_INF), 1), 0)
+    c0 = tl.max(tl.where((x0 > NEG_INF) & (x0 < POS_INF), x0, NEG_INF))
     ref = tl.where(c0 > NEG_INF, c0, 0.0)
-    zeros_i = tl.zeros([NSUB, SUB], dtype=tl.int32)
+    zeros_i = tl.full([NSUB, SUB], 0, tl.int32)
     cnt_nan = zeros_i
     cnt_pinf = zeros_i
     cnt_fin = zeros_i
@@ -163,8 +171,6 @@ def _stats_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
     lmin = tl.full([NSUB, SUB], POS_INF, tl.float32)
     w_s = tl.full([NSUB, SUB], NEG_INF, tl.float32)
     w_i = zeros_i - 1
-    w_x = tl.zeros([NSUB, SUB], dtype=tl.float32)
-    w_g = tl.zeros([NSUB, SUB], dtype=tl.float32)
     t = 0
     while t < n_tiles:  # a while loop: the interpreter cannot range() over runtime scalars
         start = t * BLOCK
@@ -190,18 +196,16 @@ def _stats_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
             up = sc > w_s
             w_s = tl.where(up, sc, w_s)
             w_i = tl.where(up, offs, w_i)
-            w_x = tl.where(up, xf, w_x)
-            w_g = tl.where(up, g, w_g)
         raw = raw_n
         t += 1
-    m = tl.max(tl.max(lmax, 1), 0)
-    amax = tl.min(tl.min(tl.where(lmax == m, lidx, 2147483647), 1), 0)
-    n_nan = tl.sum(tl.sum(cnt_nan, 1), 0)
-    n_pinf = tl.sum(tl.sum(cnt_pinf, 1), 0)
-    n_fin = tl.sum(tl.sum(cnt_fin, 1), 0)
-    fp = tl.min(tl.min(first_pinf, 1), 0)
-    x_min = tl.min(tl.min(lmin, 1), 0)
-    w_idx, _ws = _lane_argbest(tl.where(w_i >= 0, (w_x - m) * inv_t + w_g, NEG_INF), w_i)
+    m = tl.max(lmax)
+    amax = tl.min(tl.where(lmax == m, lidx, 2147483647))
+    n_nan = tl.sum(cnt_nan)
+    n_pinf = tl.sum(cnt_pinf)
+    n_fin = tl.sum(cnt_fin)
+    fp = tl.min(first_pinf)
+    x_min = tl.min(lmin)
+    w_idx, _ws = _lane_argbest(w_s, w_i)
     # Tile maxima (one scalar per tile) let later passes skip whole tiles without a reduction.
     tl.debug_barrier()
     TCH: tl.constexpr = 64
@@ -227,9 +231,9 @@ def _pivot_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
     # per-lane accumulators hold one value per thread and pivot.
     Q: tl.constexpr = SUB // 4
     n_tiles = (V + BLOCK - 1) // BLOCK
-    acc_c = tl.zeros([P, NSUB, Q], dtype=tl.int32)
-    acc_w = tl.zeros([P, NSUB, Q], dtype=tl.float32)
-    acc_z = tl.zeros([NSUB, Q], dtype=tl.float32)
+    acc_c = tl.full([P, NSUB, Q], 0, tl.int32)
+    acc_w = tl.full([P, NSUB, Q], 0, tl.float32)
+    acc_z = tl.full([NSUB, Q], 0, tl.float32)
     pv = piv[:, None, None, None]
     offs = _tile_offsets(0, NSUB, SUB)
     act = _sub_active(submax_ptr, 0, n_tiles, lo_skip, NSUB)
@@ -249,7 +253,7 @@ def _pivot_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, 
             acc_w += tl.sum(tl.where(ge, e[None, :, :, :], 0.0), 3)
         raw = raw_n
         t += 1
-    return tl.sum(tl.sum(acc_c, 2), 1), tl.sum(tl.sum(acc_w, 2), 1), tl.sum(tl.sum(acc_z, 1), 0)
+    return tl.sum(tl.sum(acc_c, 2), 1), tl.sum(tl.sum(acc_w, 2), 1), tl.sum(acc_z)
 
 
 @triton.jit
@@ -265,7 +269,7 @@ def _compact_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr
     tl.debug_barrier()
     base = 0
     b_s = tl.full([NSUB, SUB], NEG_INF, tl.float32)
-    b_i = tl.zeros([NSUB, SUB], dtype=tl.int32) - 1
+    b_i = tl.full([NSUB, SUB], 0, tl.int32) - 1
     offs = _tile_offsets(0, NSUB, SUB)
     act = _sub_active(submax_ptr, 0, n_tiles, lo, NSUB)
     raw = _load_raw(src_ptr, stride_m, stride_v, offs, act[:, None] & (offs < V), mix_c, M, SOURCE, MIX_PAD)
@@ -313,7 +317,7 @@ def _sample_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr,
     n_tiles = (V + BLOCK - 1) // BLOCK
     lo_read = tl.where(pinf_mode, NEG_INF, lo)
     b_s = tl.full([NSUB, SUB], NEG_INF, tl.float32)
-    b_i = tl.zeros([NSUB, SUB], dtype=tl.int32) - 1
+    b_i = tl.full([NSUB, SUB], 0, tl.int32) - 1
     offs = _tile_offsets(0, NSUB, SUB)
     act = _sub_active(submax_ptr, 0, n_tiles, lo_read, NSUB)
     raw = _load_raw(src_ptr, stride_m, stride_v, offs, act[:, None] & (offs < V), mix_c, M, SOURCE, MIX_PAD)
@@ -343,40 +347,39 @@ def _sample_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr,
 
 
 @triton.jit
-def _candidate_threshold(v, e, live, base, target, by_mass, P: tl.constexpr):
+def _candidate_threshold(kv, e, live, base, target, by_mass, P: tl.constexpr):
     """Exact threshold among register candidates, without sorting.
 
-    v / e: candidate values and weights [CAP]; live: which ones take part; base: count (or
-    mass) of the elements above every candidate. The threshold is the largest candidate value
-    t with base + #{v >= t} >= target (by_mass: base + sum{e : v >= t} >= target). Bracket
-    [lo, hi) with crit(lo) true and crit(hi) false, split by P pivots evenly spaced in key space
-    and tightened to the candidates it holds, until it holds a single value. If even the
-    smallest candidate misses the target (possible only through fp32 rounding of a mass), the
-    smallest candidate is returned (the whole band is kept).
+    kv / e: candidate keys (_f2k of the values) and weights [CAP]; live: which ones take part;
+    base: count (or mass) of the elements above every candidate. The threshold is the largest
+    candidate value t with base + #{v >= t} >= target (by_mass: base + sum{e : v >= t} >=
+    target). Bracket [lo, hi) in key space with crit(lo) true and crit(hi) false, split by P
+    evenly spaced pivots and tightened to the candidates it holds, until it holds a single value.
+    If even the smallest candidate misses the target (possible only through fp32 rounding of a
+    mass), the smallest candidate is returned (the whole band is kept). Returns the value.
     """
-    lo = tl.min(tl.where(live, v, POS_INF), 0)
-    vmax = tl.max(tl.where(live, v, NEG_INF), 0)
-    hi = _k2f(_f2k(vmax) + 1)
-    k_lo = _f2k(lo)
-    k_hi = _f2k(hi)
-    go = (k_hi - k_lo) > 1
-    while go:
-        j = (tl.arange(0, P) + 1).to(tl.int64)
-        piv = _k2f(k_lo + ((k_hi - k_lo) * j) // (P + 1))
-        ge = live[None, :] & (v[None, :] >= piv[:, None])
+    BIG: tl.constexpr = 1 << 40
+    k_lo = tl.min(tl.where(live, kv, BIG))
+    k_hi = tl.max(tl.where(live, kv, -BIG)) + 1
+    H: tl.constexpr = P // 2
+    j = tl.arange(0, P)
+    while (k_hi - k_lo) > 1:
+        # Half the pivots evenly spaced in value, half in key space (progress on any spread).
+        v_lo = _k2f(k_lo)
+        v_hi = _k2f(k_hi)
+        v_piv = _f2k(v_lo + (v_hi - v_lo) * ((j + 1).to(tl.float32) / (H + 1)))
+        k_piv = k_lo + ((k_hi - k_lo) * (j - H + 1).to(tl.int64)) // (H + 1)
+        piv = tl.minimum(tl.maximum(tl.where(j < H, v_piv, k_piv), k_lo), k_hi)
+        ge = live[None, :] & (kv[None, :] >= piv[:, None])
         amount = tl.where(by_mass, tl.sum(tl.where(ge, e[None, :], 0.0), 1), tl.sum(ge.to(tl.float32), 1))
         crit = (base + amount) >= target
-        lo = tl.maximum(lo, tl.max(tl.where(crit, piv, NEG_INF), 0))
-        hi = tl.minimum(hi, tl.min(tl.where(crit, POS_INF, piv), 0))
+        k_lo = tl.maximum(k_lo, tl.max(tl.where(crit, piv, -BIG), 0))
+        k_hi = tl.minimum(k_hi, tl.min(tl.where(crit, BIG, piv), 0))
         # Tighten to the candidates inside [lo, hi): crit is constant between candidate values.
-        in_band = live & (v >= lo) & (v < hi)
-        lo = tl.min(tl.where(in_band, v, POS_INF), 0)
-        top = tl.max(tl.where(in_band, v, NEG_INF), 0)
-        hi = _k2f(_f2k(top) + 1)
-        k_lo = _f2k(lo)
-        k_hi = _f2k(hi)
-        go = (k_hi - k_lo) > 1
-    return lo
+        in_band = live & (kv >= k_lo) & (kv < k_hi)
+        k_lo = tl.min(tl.where(in_band, kv, BIG))
+        k_hi = tl.max(tl.where(in_band, kv, -BIG)) + 1
+    return _k2f(k_lo)
 
 
 @triton.jit
@@ -393,15 +396,16 @@ def _resolve(cand_v_ptr, cand_i_ptr, n, lo, c_top, w_top, k_eff, tau_k, z_k, c_k
     v = tl.load(cand_v_ptr + ar, mask=valid, other=NEG_INF)
     idx = tl.load(cand_i_ptr + ar, mask=valid, other=0)
     e = tl.where(valid, tl.exp((v - m) * inv_t), 0.0)
+    kv = _f2k(v)
     if k_eff > 0:
-        tau_k = _candidate_threshold(v, e, valid, c_top.to(tl.float32), k_eff.to(tl.float32), False, P)
+        tau_k = _candidate_threshold(kv, e, valid, c_top.to(tl.float32), k_eff.to(tl.float32), False, P)
         tau_k = tl.where(n > 0, tau_k, lo)
         ge = valid & (v >= tau_k)
         z_k = w_top + tl.sum(tl.where(ge, e, 0.0), 0)
         c_k = c_top + tl.sum(ge.to(tl.int32), 0)
     tau_p = tl.full([], NEG_INF, tl.float32)
     if p_on:
-        tau_p = _candidate_threshold(v, e, valid & (v >= tau_k), w_top, top_p * z_k, True, P)
+        tau_p = _candidate_threshold(kv, e, valid & (v >= tau_k), w_top, top_p * z_k, True, P)
         tau_p = tl.where(n > 0, tau_p, lo)
     t_star = tl.maximum(tau_k, tau_p)
     kept = valid & (v >= t_star) & (tl.exp((v - m) * inv_t) >= min_p)
@@ -435,27 +439,48 @@ def _bracket(piv, C, W, crit, lo, c_lo, w_lo, hi, c_hi, w_hi):
 
 
 @triton.jit
+def _refine_pivots(lo, c_lo, w_lo, hi, c_hi, w_hi, target, by_mass, m, inv_t, P: tl.constexpr):
+    """P pivots inside [lo, hi): P - 2 around an estimate of the crossing (counts interpolated
+    linearly in value; masses linearly in exp((t - m) / T), i.e. a uniform density of tokens
+    in value), spread +-1.5 %, 5 %, ~17 % of the bracket, and 2 at 1/3 and 2/3 of the
+    bracket's fp32 key range, which guarantee progress on any row."""
+    span = hi - lo
+    f_cnt = (c_lo - target) / tl.maximum(c_lo - c_hi, 1).to(tl.float32)
+    f_lin = (w_lo - target) / tl.maximum(w_lo - w_hi, 1e-30)
+    u_lo = tl.exp((lo - m) * inv_t)
+    u_hi = tl.exp((hi - m) * inv_t)
+    u_t = u_hi - (target - w_hi) / tl.maximum(w_lo - w_hi, 1e-30) * (u_hi - u_lo)
+    t_hat = m + tl.log(tl.maximum(u_t, 1e-30)) / tl.where(inv_t > 0, inv_t, 1.0)
+    f_exp = (t_hat - lo) / span
+    f_mass = tl.where((inv_t > 0) & (f_exp == f_exp), f_exp, f_lin)
+    f = tl.minimum(tl.maximum(tl.where(by_mass, f_mass, f_cnt), 0.0), 1.0)
+    j = tl.arange(0, P)
+    spread = 0.015 * tl.exp2(((2 * j - (P - 3)) // 2).to(tl.float32).abs() * 1.737)  # 0.015, 0.05, 0.167
+    delta = tl.where(2 * j < P - 2, -spread, spread)
+    val_piv = tl.minimum(tl.maximum(lo + (f + delta) * span, lo), hi)
+    k_lo = _f2k(lo)
+    k_hi = _f2k(hi)
+    key_piv = _k2f(k_lo + ((k_hi - k_lo) * (j - (P - 3)).to(tl.int64)) // 3)
+    return tl.where(j < P - 2, val_piv, key_piv)
+
+
+@triton.jit
 def _refine(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, tilemax_ptr, lo, c_lo, w_lo, hi, c_hi,
             w_hi, target, by_mass, m, inv_t, SOURCE: tl.constexpr, MIX_PAD: tl.constexpr, NSUB: tl.constexpr,
             SUB: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr):
-    """Split [lo, hi) with P pivots evenly spaced in key space until it holds <= CAP elements or a
-    single value. Criterion: W(t) >= target if by_mass else C(t) >= target. Returns the bracket
-    and the number of passes made."""
+    """Split [lo, hi) with P pivots per pass until it holds <= CAP elements or a single value.
+    Criterion: W(t) >= target if by_mass else C(t) >= target. Returns the bracket and the number
+    of passes made."""
     n_pass = 0
-    k_lo = _f2k(lo)
-    k_hi = _f2k(hi)
-    go = ((c_lo - c_hi) > CAP) & ((k_hi - k_lo) > 1)
+    go = ((c_lo - c_hi) > CAP) & ((_f2k(hi) - _f2k(lo)) > 1)
     while go:
-        j = (tl.arange(0, P) + 1).to(tl.int64)
-        piv = _k2f(k_lo + ((k_hi - k_lo) * j) // (P + 1))
+        piv = _refine_pivots(lo, c_lo, w_lo, hi, c_hi, w_hi, target, by_mass, m, inv_t, P)
         C, W, _z = _pivot_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, tilemax_ptr, piv, lo,
                                m, inv_t, SOURCE, MIX_PAD, NSUB, SUB, P)
         crit = tl.where(by_mass, W >= target, C.to(tl.float32) >= target)
         lo, c_lo, w_lo, hi, c_hi, w_hi = _bracket(piv, C, W, crit, lo, c_lo, w_lo, hi, c_hi, w_hi)
-        k_lo = _f2k(lo)
-        k_hi = _f2k(hi)
         n_pass += 1
-        go = ((c_lo - c_hi) > CAP) & ((k_hi - k_lo) > 1) & (n_pass < _MAX_REFINE)
+        go = ((c_lo - c_hi) > CAP) & ((_f2k(hi) - _f2k(lo)) > 1) & (n_pass < _MAX_REFINE)
     return lo, c_lo, w_lo, hi, c_hi, w_hi, n_pass
 
 
@@ -488,16 +513,22 @@ def _truncated_draw(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_p
     token = tl.full([], -1, tl.int32)
     done = tl.full([], 0, tl.int32)
     passes = tl.full([], 0, tl.int32)
-    piv = tl.zeros([P], dtype=tl.float32)
-    C = tl.zeros([P], dtype=tl.int32)
-    W = tl.zeros([P], dtype=tl.float32)
+    piv = tl.full([P], 0, tl.float32)
+    C = tl.full([P], 0, tl.int32)
+    W = tl.full([P], 0, tl.float32)
     z = tl.full([], 0.0, tl.float32)
     if (k_eff > 0) | p_on:
         # Ladder: pivots below the max in units of T (clamped, so that a huge T still spreads
         # them). With top-p the pass reads the whole row, giving Z; top-k alone skips every
         # sub-block below the lowest pivot.
-        j = tl.arange(0, P).to(tl.float32)
-        piv = m - (0.5 + 0.5 * j + 0.15 * j * j) * tl.minimum(temp, 4.0)
+        # Mass pivots sit at depths 0.5 .. 12.4 (x T) below the max, count pivots at 1/64 .. 1/2
+        # of the row's range (geometric); with both filters on they alternate.
+        j = tl.arange(0, P)
+        jf = j.to(tl.float32)
+        d_mass = (0.5 + 0.5 * jf + 0.15 * jf * jf) * tl.minimum(temp, 4.0)
+        d_count = (m - x_min) * tl.exp2(-6.0 + jf * (5.0 / (P - 1)))
+        use_count = tl.where(p_on, (k_eff > 0) & (j % 2 == 1), k_eff > 0)
+        piv = m - tl.where(use_count, d_count, d_mass)
         lo_skip = tl.where(p_on, NEG_INF, tl.min(piv, 0))
         C, W, z = _pivot_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, tilemax_ptr, piv,
                               lo_skip, m, inv_t, SOURCE, MIX_PAD, NSUB, SUB, P)
@@ -614,7 +645,7 @@ def _row_param(ptr, stride, scalar, row, HAS: tl.constexpr, DTYPE: tl.constexpr)
     if HAS:
         return tl.load(ptr + row * stride).to(DTYPE)
     else:
-        return tl.zeros([], DTYPE) + scalar
+        return tl.full([], 0, DTYPE) + scalar
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +653,11 @@ def _row_param(ptr, stride, scalar, row, HAS: tl.constexpr, DTYPE: tl.constexpr)
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s"])
+# Scalars that vary per call or per vocabulary are not specialised (each specialisation is another
+# compile on a fresh machine); V keeps its divisibility-by-16 specialisation, which lets the
+# bounds mask of the vectorised loads be proven uniform.
+@triton.jit(do_not_specialize=["temp_s", "topk_s", "topp_s", "minp_s", "seed_s", "off_s", "M", "n_sub", "n_tiles",
+                             "debug"])
 def _sample_kernel(
     logits_ptr, stride_lb, stride_lv, V,
     temp_ptr, stride_temp, temp_s,
@@ -632,10 +667,10 @@ def _sample_kernel(
     seed_ptr, stride_seed, seed_s: tl.int64,
     off_ptr, stride_off, off_s: tl.int64,
     w_ptr, stride_wb, stride_wm, M,
-    tok_ptr, mem_ptr, submax_ptr, n_sub, tilemax_ptr, n_tiles, cand_v_ptr, cand_i_ptr, dbg_ptr,
+    tok_ptr, mem_ptr, submax_ptr, n_sub, tilemax_ptr, n_tiles, cand_v_ptr, cand_i_ptr, dbg_ptr, debug,
     HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, HAS_MINP: tl.constexpr,
     HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr,
-    SELECT: tl.constexpr, SHARED: tl.constexpr, M_PAD: tl.constexpr, DEBUG: tl.constexpr,
+    SELECT: tl.constexpr, SHARED: tl.constexpr, M_PAD: tl.constexpr,
     NSUB: tl.constexpr, SUB: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -645,15 +680,15 @@ def _sample_kernel(
     min_p = _row_param(minp_ptr, stride_minp, minp_s, row, HAS_MINP, tl.float32)
     seed = _row_param(seed_ptr, stride_seed, seed_s, row, HAS_SEED, tl.int64)
     offset = _row_param(off_ptr, stride_off, off_s, row, HAS_OFF, tl.int64)
-    no_mix_c = tl.zeros([1], dtype=tl.float32)
-    no_mix_pinf = tl.zeros([1], dtype=tl.int1)
+    no_mix_c = tl.full([1], 0, tl.float32)
+    no_mix_pinf = tl.full([1], 0, tl.int1)
     token, tau_k, tau_p, passes = _sample_row(
         logits_ptr + row * stride_lb, 0, stride_lv, V, no_mix_c, no_mix_pinf, 1,
         submax_ptr + row * n_sub, tilemax_ptr + row * n_tiles, cand_v_ptr + row * CAP, cand_i_ptr + row * CAP,
         temp, top_k, top_p, min_p, seed, offset, True,
         _TOKEN_STREAM, 0, 1, NSUB, SUB, P, CAP)
     tl.store(tok_ptr + row, token.to(tl.int64))
-    if DEBUG:
+    if debug != 0:  # a runtime flag, not a constexpr: no extra compilation for the debug entry
         tl.store(dbg_ptr + row * 4 + 0, tau_k)
         tl.store(dbg_ptr + row * 4 + 1, tau_p)
         tl.store(dbg_ptr + row * 4 + 2, passes.to(tl.float32))
@@ -678,16 +713,23 @@ def _sample_kernel(
 _PIVOTS = 8  # pivots per bracketing pass
 
 
-def block_config(vocab: int, cap: int | None = None) -> dict:
+def block_config(vocab: int, cap: int | None = None, *, interpreted: bool = False) -> dict:
     """Tile of one loop step: NSUB sub-blocks of SUB elements (one warp per sub-block row, 4
-    contiguous elements per thread), CAP candidate slots, P pivots per bracketing pass."""
+    contiguous elements per thread), CAP candidate slots, P pivots per bracketing pass.
+
+    On the GPU there are three size classes only (each is a separate compilation on a fresh
+    machine); under the interpreter the tile and the candidate slots shrink to small rows, whose
+    cost there is per operation and per element.
+    """
     if vocab >= 16384:
         nsub, sub, warps, default_cap = 16, 128, 16, 4096
     elif vocab >= 2048:
         nsub, sub, warps, default_cap = 8, 128, 8, 2048
     else:
-        sub = min(128, max(4, triton.next_power_of_2(triton.cdiv(vocab, 4))))
-        nsub, warps, default_cap = 4, 4, 1024
+        nsub, sub, warps, default_cap = 4, 128, 4, 1024
+        if interpreted:
+            sub = min(128, max(4, triton.next_power_of_2(triton.cdiv(vocab, 4))))
+            default_cap = min(default_cap, max(16, triton.next_power_of_2(vocab)))
     cap = default_cap if cap is None else cap
     if cap < 2 or cap & (cap - 1):
         raise ValueError(f"cap must be a power of two >= 2, got {cap}")
@@ -714,7 +756,7 @@ def _launch_sample(logits, temp, top_k, top_p, min_p, seed, offset, weights=None
     members = torch.empty(batch if select else 0, dtype=torch.int32, device=device)
     if batch == 0:
         return tokens, members
-    cfg = block_config(vocab, cap)
+    cfg = block_config(vocab, cap, interpreted=device.type != "cuda")
     submax, tilemax, cand_v, cand_i = scratch_for(batch, vocab, cfg, device)
     dummy = tokens
 
@@ -735,10 +777,10 @@ def _launch_sample(logits, temp, top_k, top_p, min_p, seed, offset, weights=None
         *tensor_args(seed), *tensor_args(offset),
         *w_args,
         tokens, members, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
-        debug if debug is not None else dummy,
+        debug if debug is not None else dummy, int(debug is not None),
         HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
         HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
-        SELECT=select, SHARED=bool(shared), M_PAD=m_pad, DEBUG=debug is not None,
+        SELECT=select, SHARED=bool(shared), M_PAD=m_pad,
         NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
     )
     return tokens, members

@@ -46,11 +46,11 @@ def draw_members(w, seed, offset, M, M_PAD: tl.constexpr):
     return tl.where(bad, -1, j)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "B", "seed_s", "off_s"])
 def _select_members_kernel(
     w_ptr, stride_wb, stride_wm, M, B,
-    seed_ptr, stride_seed, seed_s,
-    off_ptr, stride_off, off_s,
+    seed_ptr, stride_seed, seed_s: tl.int64,
+    off_ptr, stride_off, off_s: tl.int64,
     out_ptr,
     HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -65,11 +65,11 @@ def _select_members_kernel(
     if HAS_SEED:
         seed = tl.load(seed_ptr + rows.to(tl.int64) * stride_seed, mask=rmask, other=0)
     else:
-        seed = tl.zeros([BLOCK_B], dtype=tl.int64) + seed_s
+        seed = tl.full([BLOCK_B], 0, tl.int64) + seed_s
     if HAS_OFF:
         offset = tl.load(off_ptr + rows.to(tl.int64) * stride_off, mask=rmask, other=0)
     else:
-        offset = tl.zeros([BLOCK_B], dtype=tl.int64) + off_s
+        offset = tl.full([BLOCK_B], 0, tl.int64) + off_s
     j = draw_members(w, seed[:, None], offset[:, None], M, M_PAD)
     tl.store(out_ptr + rows, j, mask=rmask)
 
@@ -81,7 +81,8 @@ def _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch):
         return out
     stride_wb = weights.stride(0) if weights.dim() == 2 else 0
     m_pad = triton.next_power_of_2(m)
-    block_b = max(1, min(128, triton.next_power_of_2(batch), 4096 // m_pad))
+    # Two row-block classes only: each distinct BLOCK_B is another compilation.
+    block_b = max(1, min(16 if batch <= 16 else 128, 4096 // m_pad))
     grid = (triton.cdiv(batch, block_b),)
     _select_members_kernel[grid](
         weights, stride_wb, weights.stride(-1), m, batch,
