@@ -157,6 +157,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU mode; default: torch's)")
     p.add_argument("--max-seconds", type=float, default=float("inf"), help="stop the grid (partial results) after this")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
         print("e2e: no CUDA device; use --cpu for the CPU mode", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.cpu else "cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.cpu else torch.bfloat16
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ROWS)
