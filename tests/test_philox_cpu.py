@@ -7,7 +7,8 @@ import torch
 
 import me_kernels
 from me_kernels._random import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
-from me_kernels._random import uniforms_torch as uniforms_pure_torch
+from me_kernels._random import philox_uniforms_torch as uniforms_pure_torch
+from me_kernels._random import uniforms_torch
 
 pytestmark = pytest.mark.skipif(not me_kernels.EXTENSION_LOADED, reason="needs me_kernels._C")
 
@@ -23,6 +24,13 @@ def test_bit_identical_to_the_torch_philox(stream, n):
     assert torch.equal(fast, uniforms_pure_torch(seed, offset, stream, n))
     if n:
         assert float(fast.min()) > 0.0 and float(fast.max()) < 1.0
+
+
+def test_reference_path_uses_the_compiled_helper_on_cpu():
+    seed, offset = torch.tensor([3, 2**50]), torch.tensor([9, 10])
+    assert torch.equal(uniforms_torch(seed, offset, STREAM_TOKEN, 37), uniforms_pure_torch(seed, offset, 0, 37))
+    # an offset given for all rows at once broadcasts like the pure torch version
+    assert torch.equal(uniforms_torch(seed, torch.tensor([4]), 1, 9), uniforms_pure_torch(seed, torch.tensor([4]), 1, 9))
 
 
 def test_rows_are_independent_of_the_batch():
