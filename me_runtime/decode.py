@@ -236,6 +236,8 @@ def decode(
     if method == "me":
         next_members = draw_members(0)
         next_members_host = next_members.tolist()  # which members run at step 0 (host control flow)
+        if min(next_members_host) < 0:
+            raise RuntimeError(f"no member could be drawn from the weights {weights.tolist()}")
     bar = tqdm(total=max_new_tokens, disable=not progress, desc=f"generate ({method})", unit="tok")
     try:
         for t in range(max_new_tokens):
@@ -259,6 +261,8 @@ def decode(
                 # the next step's control flow.
                 host = torch.stack([tokens, next_members.to(torch.long)]).tolist()
                 tokens_host, next_members_host = host[0], host[1]
+                if min(next_members_host) < 0:  # the kernels' signal for an invalid weight row
+                    raise RuntimeError(f"step {t}: no member could be drawn from the weights {weights.tolist()}")
             elif method == "ce":
                 stacked = torch.stack([r.catch_up(batch, t) for r in runners])
                 tokens = me_kernels.mixture_sample(stacked, weights, seed=batch.seeds, offset=t, **sample_kwargs)
