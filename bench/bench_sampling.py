@@ -138,6 +138,14 @@ def _measure(benchmark, fn, nbytes, copy_bw, **info):
     fn()  # compile / warm up outside the timing
     torch.cuda.synchronize()
     ms = do_bench(fn, **DO_BENCH)
+    if info.get("impl") == "me_kernels":
+        # The suite's common keys (bench/plot.py, bench/summarize.py) for our kernels, with the
+        # issue's absolute targets: top-p at B=128, V=131072, fp32 < 0.15 ms; B=1 < 30 us.
+        benchmark.extra_info["time_ms"] = ms
+        if info.get("op") == "sample" and info.get("B") == 128 and info.get("V") == 131072 and info.get("config") == "top_p":
+            benchmark.extra_info["target_ms"] = 0.15
+        elif info.get("op") == "sample" and info.get("B") == 1:
+            benchmark.extra_info["target_ms"] = 0.030
     benchmark.extra_info.update(
         gpu_ms=ms,
         achieved_GBps=nbytes / (ms * 1e-3) / 1e9,
