@@ -25,9 +25,11 @@ test:
 cuda-check:
 	.ci/check_cuda_sources.sh
 
-# The end-to-end benchmark in its CPU mode, so the benchmark code cannot rot.
+# The end-to-end benchmark in its CPU mode, its plot and summary, so the benchmark code cannot rot.
 bench-cpu:
-	$(PYTHON) bench/e2e.py --cpu --out bench/out/e2e_cpu.json
+	$(PYTHON) bench/e2e.py --cpu --repeats 1 --new-tokens 16 --out bench/out/cpu/e2e.json
+	$(PYTHON) bench/plot.py bench/out/cpu
+	$(PYTHON) bench/summarize.py bench/out/cpu
 
 ci: setup cuda-check test bench-cpu
 
