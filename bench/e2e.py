@@ -153,6 +153,12 @@ def parse_args(argv=None):
     p.add_argument("--members", default=None, help="comma list of member counts M")
     p.add_argument("--batches", default=None, help="comma list of batch sizes")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {ROWS}")
+    p.add_argument(
+        "--cells",
+        default=None,
+        help="ARCH:M:B,... measured in this order instead of the archs x members x batches grid "
+        "(put the cells that matter first when --max-seconds may cut the run short)",
+    )
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -216,72 +222,86 @@ def main(argv=None) -> int:
         pass
     print(f"e2e on {meta['device']}: copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
 
-    for arch in args.archs.split(","):
-        all_models = build_members(arch, max(member_counts), dtype, device)
-        weights_bytes = model_bytes(all_models[0])
-        kv_per_token = kv_bytes_per_token(all_models[0])
-        vocab = all_models[0].config.vocab_size
-        warmed = set()
-        for num in member_counts:
-            models = all_models[:num]
-            ens = Ensemble(models)  # uniform weights
-            for batch in batches:
-                gen = torch.Generator().manual_seed(batch)
-                prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
-                for row in rows:
-                    if row == "seed-algo" and batch != 1:
-                        continue
-                    if time.perf_counter() - started > args.max_seconds:
-                        skipped.append({"arch": arch, "members": num, "batch": batch, "row": row})
-                        continue
-                    if (row, batch) not in warmed:  # first use compiles kernels / sizes allocator pools
-                        run_row(row, ens, models, prompts, 4, params, seed=0)
-                        warmed.add((row, batch))
-                    runs = [
-                        timed(lambda: run_row(row, ens, models, prompts, args.new_tokens, params, seed=1 + r), device)
-                        for r in range(args.repeats)
-                    ]
-                    seconds, count, peak = sorted(runs)[len(runs) // 2]  # the median run
-                    steps = args.new_tokens
-                    members_per_step = expected_members_per_step(ens.weights, batch, row)
-                    context = args.prompt_len + args.new_tokens / 2  # mean KV length over the run
-                    floor_step_bytes = members_per_step * (weights_bytes + batch * context * kv_per_token)
-                    floor_ms = 1e3 * floor_step_bytes / bandwidth
-                    rec = {
-                        "arch": arch,
-                        "members": num,
-                        "batch": batch,
-                        "row": row,
-                        "seconds": seconds,
-                        "tokens": count,
-                        "tokens_per_s": count / seconds,
-                        "ms_per_step": 1e3 * seconds / steps,
-                        "floor_ms_per_step": floor_ms,
-                        "floor_tokens_per_s": batch / (floor_ms / 1e3),
-                        "fraction_of_floor": floor_ms / (1e3 * seconds / steps),
-                        "members_per_step": members_per_step,
-                        "peak_memory_GB": None if peak is None else peak / 1e9,
-                        "weights_GB": num * weights_bytes / 1e9,
-                    }
-                    results.append(rec)
-                    print(
-                        f"{arch:14s} M={num} B={batch:<3d} {row:12s} {rec['tokens_per_s']:9.1f} tok/s "
-                        f"{rec['ms_per_step']:8.2f} ms/step  floor {floor_ms:7.2f} ms/step",
-                        flush=True,
-                    )
-        del all_models
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    if args.cells:
+        cells = []
+        for cell in args.cells.split(","):
+            arch, num, batch = cell.split(":")
+            cells.append((arch, int(num), int(batch)))
+    else:
+        cells = [(a, m, b) for a in args.archs.split(",") for m in member_counts for b in batches]
+    most_members = {}
+    for arch, num, _ in cells:
+        most_members[arch] = max(num, most_members.get(arch, 0))
+
+    built, warmed = {}, set()
+    for arch, num, batch in cells:
+        if arch not in built:
+            models = build_members(arch, most_members[arch], dtype, device)
+            built[arch] = (models, model_bytes(models[0]), kv_bytes_per_token(models[0]), models[0].config.vocab_size)
+        all_models, weights_bytes, kv_per_token, vocab = built[arch]
+        models = all_models[:num]
+        ens = Ensemble(models)  # uniform weights
+        gen = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
+        for row in rows:
+            if row == "seed-algo" and batch != 1:
+                continue
+            if time.perf_counter() - started > args.max_seconds:
+                skipped.append({"arch": arch, "members": num, "batch": batch, "row": row})
+                continue
+            if (arch, row, batch) not in warmed:  # first use compiles kernels / sizes allocator pools
+                run_row(row, ens, models, prompts, 4, params, seed=0)
+                warmed.add((arch, row, batch))
+            runs = [
+                timed(lambda: run_row(row, ens, models, prompts, args.new_tokens, params, seed=1 + r), device)
+                for r in range(args.repeats)
+            ]
+            seconds, count, peak = sorted(runs)[len(runs) // 2]  # the median run
+            steps = args.new_tokens
+            members_per_step = expected_members_per_step(ens.weights, batch, row)
+            context = args.prompt_len + args.new_tokens / 2  # mean KV length over the run
+            floor_step_bytes = members_per_step * (weights_bytes + batch * context * kv_per_token)
+            floor_ms = 1e3 * floor_step_bytes / bandwidth
+            rec = {
+                "arch": arch,
+                "members": num,
+                "batch": batch,
+                "row": row,
+                "seconds": seconds,
+                "tokens": count,
+                "tokens_per_s": count / seconds,
+                "ms_per_step": 1e3 * seconds / steps,
+                "floor_ms_per_step": floor_ms,
+                "floor_tokens_per_s": batch / (floor_ms / 1e3),
+                "fraction_of_floor": floor_ms / (1e3 * seconds / steps),
+                "members_per_step": members_per_step,
+                "peak_memory_GB": None if peak is None else peak / 1e9,
+                "weights_GB": num * weights_bytes / 1e9,
+            }
+            results.append(rec)
+            print(
+                f"{arch:14s} M={num} B={batch:<3d} {row:12s} {rec['tokens_per_s']:9.1f} tok/s "
+                f"{rec['ms_per_step']:8.2f} ms/step  floor {floor_ms:7.2f} ms/step",
+                flush=True,
+            )
+            if args.out:  # after every row, so a run cut short still leaves its results
+                write_json(args.out, {"meta": meta, "results": results, "ratios": compute_ratios(results), "skipped": skipped})
 
     ratios = compute_ratios(results)
     out = {"meta": meta, "results": results, "ratios": ratios, "skipped": skipped}
     print()
     print(format_tables(out))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.out, out)
     return 0
+
+
+def write_json(path, data) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 def compute_ratios(results):
