@@ -17,7 +17,9 @@ from pathlib import Path
 
 MEMBERS_DIR = Path(__file__).resolve().parent / "members"
 MEMBER_NAMES = ("code", "prose")
-HELDOUT_DIR = Path(__file__).resolve().parent / "heldout"
+# Small excerpts of held-out text ({"code": [...], "prose": [...]}, each under 512 tokens) for
+# tests and demos that score text offline; written by corpus.py --write-heldout-sample.
+HELDOUT_FILE = Path(__file__).resolve().parent / "heldout.json"
 
 
 def demo_members() -> list[str]:
@@ -34,4 +36,4 @@ def demo_members() -> list[str]:
     return [str(p) for p in paths]
 
 
-__all__ = ["demo_members", "MEMBERS_DIR", "MEMBER_NAMES", "HELDOUT_DIR"]
+__all__ = ["demo_members", "MEMBERS_DIR", "MEMBER_NAMES", "HELDOUT_FILE"]

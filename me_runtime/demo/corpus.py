@@ -305,22 +305,22 @@ def mixed_text(code_docs: list[Document], prose_docs: list[Document], *,
     return "\n".join(parts)
 
 
-HELDOUT_SAMPLE_DIR = Path(__file__).resolve().parent / "heldout"
+HELDOUT_SAMPLE_FILE = Path(__file__).resolve().parent / "heldout.json"
 
 
-def heldout_sample(docs: list[Document], *, pieces: int = 3, piece_bytes: int = 1500) -> str:
-    """A few ~``piece_bytes`` pieces spread over the held-out documents (a small test fixture)."""
+def heldout_sample(docs: list[Document], *, pieces: int = 4, piece_bytes: int = 1200) -> list[str]:
+    """``pieces`` excerpts of about ``piece_bytes`` (cut at line boundaries, well under 512
+    tokens each) spread evenly over the held-out documents: a small offline test fixture."""
     cut = _pieces(docs, piece_bytes)
     step = max(1, len(cut) // pieces)
-    return "\n".join(p.strip("\n") + "\n" for p in cut[::step][:pieces])
+    return [p.strip("\n") + "\n" for p in cut[::step][:pieces]]
 
 
-def write_heldout_sample(corpora: dict, folder: Path = HELDOUT_SAMPLE_DIR) -> None:
-    """Write <folder>/code.txt and prose.txt: small held-out excerpts that tests and the demo
-    can score offline without fetching the corpora."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for domain in ("code", "prose"):
-        (folder / f"{domain}.txt").write_text(heldout_sample(corpora[domain]["heldout"]), encoding="utf-8")
+def write_heldout_sample(corpora: dict, path: Path = HELDOUT_SAMPLE_FILE) -> None:
+    """Write {"code": [...], "prose": [...]} held-out excerpts that tests and the demo can score
+    offline without fetching the corpora."""
+    sample = {domain: heldout_sample(corpora[domain]["heldout"]) for domain in ("code", "prose")}
+    path.write_text(json.dumps(sample, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def summary(corpora: dict) -> dict:
@@ -337,7 +337,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="download/extract folder")
     ap.add_argument("--write-heldout-sample", action="store_true",
-                    help=f"write small held-out excerpts to {HELDOUT_SAMPLE_DIR}")
+                    help=f"write small held-out excerpts to {HELDOUT_SAMPLE_FILE}")
     args = ap.parse_args(argv)
     corpora = load_corpora(args.cache)
     if args.write_heldout_sample:
