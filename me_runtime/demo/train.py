@@ -26,6 +26,7 @@ import multiprocessing
 import resource
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -331,9 +332,9 @@ def main(argv=None):
     if args.parallel and len(jobs) > 1:
         # One process per member, each on its own core: no intra-op thread synchronisation, which
         # on a busy machine costs far more than it gains, and the members are independent anyway.
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(len(jobs)) as pool:
-            results = pool.starmap(_train_and_save, [job + (tok.to_str(),) for job in jobs])
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_and_save, *job, tok.to_str()) for job in jobs]
+            results = [f.result() for f in futures]
     else:
         results = [_train_and_save(*job, tok.to_str()) for job in jobs]
     for folder in results:
