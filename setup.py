@@ -124,7 +124,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["me_kernels", "me_kernels.*", "me_runtime", "me_runtime.*"]),
     include_package_data=True,
-    package_data={"me_runtime": ["demo/members/*/*", "configs/*.json"]},
+    package_data={"me_runtime": ["demo/members/*/*", "demo/heldout.json", "demo/*.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # torch is not pinned: the extension is built against whatever torch is installed, and on a

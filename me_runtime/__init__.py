@@ -4,13 +4,7 @@
     ens = Ensemble.from_pretrained([path_a, path_b], weights=[0.5, 0.5])
     ens.generate(["Once upon a time"], method="me", max_new_tokens=32, seed=0)
 """
+from .demo import demo_members
 from .ensemble import Ensemble, Generation
 
 __all__ = ["Ensemble", "Generation", "demo_members"]
-
-
-def demo_members() -> list[str]:
-    """Folders of the two small members shipped with the package (code member first)."""
-    from .demo import demo_members as _demo_members
-
-    return _demo_members()

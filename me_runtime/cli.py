@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", choices=("independent", "shared"), default="independent")
     p.add_argument("--member", type=int, default=0, help="member for --method single")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None, help="default 1.0 (0.7 for the demo members)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="torch dtype for the members, e.g. bfloat16 (default: as saved)")
     p.add_argument("--device", default=None, help="device for the members (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the tiny demo members, else torch's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the checkpoints")
     p.add_argument("--compare", action="store_true", help="also run CE on the same prompt and seed and compare speed")
     p.add_argument("--no-trace", action="store_true", help="do not print the per-token member trace")
+    p.add_argument("--no-score", action="store_true", help="demo: skip the held-out bits-per-byte comparison")
     return p
 
 
@@ -91,12 +93,21 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = args.model
     weights = args.weights
+    threads = args.threads
     if not paths:
         from . import demo_members
 
         paths = demo_members()
         weights = weights or [0.5, 0.5]
+        # 4M-parameter members: OpenMP hand-offs cost more than a second thread saves.
+        threads = threads or 1
+        if args.temperature is None:
+            args.temperature = 0.7  # tiny members: a cooler distribution reads better
         print(f"me-generate: demo members (code, prose): {', '.join(os.path.relpath(p) for p in paths)}")
+    if threads:
+        torch.set_num_threads(threads)
+    if args.temperature is None:
+        args.temperature = 1.0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         ens = Ensemble.from_pretrained(
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"me-generate: {err}", file=sys.stderr)
         return 2
 
-    print(f"--- prompt\n{prompt}")
+    print(f"--- prompt (temperature {args.temperature}, top_p {args.top_p}, seed {args.seed})\n{prompt}")
     print(f"--- {args.method} ({len(gen.token_ids)} tokens, finish: {gen.finish_reason})\n{prompt}{gen.text}")
     if not args.no_trace and args.method != "ce":
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
@@ -129,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         ce_gen, ce_tps = _timed_generate(ens, prompt, args, "ce")
         print(f"--- ce ({len(ce_gen.token_ids)} tokens, same prompt and seed)\n{prompt}{ce_gen.text}")
         print(f"--- speed: {args.method} {tps:.1f} tokens/s vs ce {ce_tps:.1f} tokens/s ({tps / ce_tps:.2f}x)")
+    if not args.model and not args.no_score:
+        from .demo.scores import compare
+
+        print("--- why ensemble: bits per byte on held-out text (lower is better; Ensemble.score_ids)")
+        table = compare(ens.models, ens.tokenizer)
+        names = list(next(iter(table.values())))
+        print(f"{'text':<12}" + "".join(f"{n:>18}" for n in names))
+        for kind, row in table.items():
+            print(f"{kind:<12}" + "".join(f"{row[n]:>18.3f}" for n in names))
     return 0
 
 
