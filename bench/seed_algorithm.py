@@ -22,6 +22,7 @@ class SeedAlgorithm:
         self.eos_token_id = eos_token_id
 
     def _sample_on_host(self, probs: np.ndarray) -> int:
+        probs = probs / probs.sum()  # fp32 softmax, renormalised in fp64 for numpy's check
         if self.temperature != 1.0:
             probs = probs ** (1.0 / self.temperature)
             probs /= probs.sum()
