@@ -44,9 +44,9 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
   nvcc --version 2>/dev/null | tail -n 1
 } | tee "$OUTDIR/env.txt"
 
-step build "$(budget 180)" "$PY" setup.py build_ext --inplace || { echo "build failed: see $OUTDIR/suite.log"; tail -n 40 "$OUTDIR/suite.log"; exit 1; }
-step import 30 "$PY" -c "import me_kernels, me_runtime; assert me_kernels.EXTENSION_LOADED; print('me_kernels._C loaded')"
-step gpu-tests "$(budget 120)" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml"
+step build "$(budget 150)" "$PY" setup.py build_ext --inplace || { echo "build failed: see $OUTDIR/suite.log"; tail -n 40 "$OUTDIR/suite.log"; exit 1; }
+step import 20 "$PY" -c "import me_kernels, me_runtime; assert me_kernels.EXTENSION_LOADED; print('me_kernels._C loaded')"
+step gpu-tests "$(budget 180)" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml"
 # Kernel microbenchmarks: the issues' target cases first (ids matching these substrings).
 declare -A PRIORITY=(
   [bench_sampling]="top_p-B128-V131072-fp32|-B1-V|-B64-V|-B256-V"
@@ -55,13 +55,13 @@ declare -A PRIORITY=(
 for b in bench/bench_*.py; do
   [ -f "$b" ] || continue
   name=$(basename "$b" .py)
-  ME_BENCH_SECONDS=$(budget 45) ME_BENCH_PRIORITY="${PRIORITY[$name]:-}" \
-    step "$name" "$(budget 60)" "$PY" -m pytest -q "$b" -p no:cacheprovider --benchmark-enable --benchmark-json="$OUTDIR/$name.json"
+  ME_BENCH_SECONDS=$(budget 40) ME_BENCH_PRIORITY="${PRIORITY[$name]:-}" \
+    step "$name" "$(budget 55)" "$PY" -m pytest -q "$b" -p no:cacheprovider --benchmark-enable --benchmark-json="$OUTDIR/$name.json"
 done
 # End to end: the target cells first (M=3 at B=1 and B=32), then the rest of the grid as time allows.
 CELLS="qwen2.5-1.5b:3:1,qwen2.5-1.5b:3:32,llama-3.2-1b:3:1,qwen2.5-1.5b:2:1,qwen2.5-1.5b:4:1,qwen2.5-1.5b:3:8,qwen2.5-1.5b:3:64,llama-3.2-1b:3:32"
-[ -f bench/e2e.py ] && step e2e "$(budget 150)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 110)" --out "$OUTDIR/e2e.json"
-[ -f bench/plot.py ] && step plot 30 "$PY" bench/plot.py "$OUTDIR"
+[ -f bench/e2e.py ] && step e2e "$(budget 115)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 85)" --out "$OUTDIR/e2e.json"
+[ -f bench/plot.py ] && step plot 20 "$PY" bench/plot.py "$OUTDIR"
 [ -f bench/summarize.py ] && "$PY" bench/summarize.py "$OUTDIR" | tee "$OUTDIR/summary.md"
 echo
 echo "steps:"
