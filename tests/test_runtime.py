@@ -475,3 +475,47 @@ def test_interrupted_generate_leaves_the_ensemble_usable(members, monkeypatch):
         ens.generate_ids(RAGGED, max_new_tokens=6, seed=1)
     monkeypatch.setattr(MemberRunner, "catch_up", original)
     assert [g.token_ids for g in ens.generate_ids(RAGGED, max_new_tokens=6, seed=1)] == [g.token_ids for g in expected]
+
+
+# ----------------------------------------------------------------------------- other architectures
+OTHER_ARCHITECTURES = {
+    "mistral-sliding-window": ("mistral", dict(sliding_window=4)),
+    "gemma2-hybrid-sliding": ("gemma2", dict(head_dim=8, sliding_window=4)),
+    "qwen3": ("qwen3", dict(head_dim=8)),
+    "phi3": ("phi3", {}),
+    "gpt2-learned-positions": ("gpt2", None),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_ARCHITECTURES))
+def test_other_architectures_batch_invariance_with_finishing_rows(name):
+    # Any AutoModelForCausalLM: ragged prompts, sliding-window and hybrid caches, learned
+    # positions, and requests that finish early (dropped from every cache mid-batch).
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = OTHER_ARCHITECTURES[name]
+    vocab = 12
+    if extra is None:
+        kwargs = dict(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=None, eos_token_id=2)
+    else:
+        kwargs = dict(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=2, pad_token_id=None,
+            **extra,
+        )  # fmt: skip
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(3.0)
+        models.append(model.eval())
+    ens = Ensemble(models)
+    prompts = [[1, 3, 5, 7, 9, 11, 4], [3], [4, 4, 0], [6, 7]]
+    for method in ("me", "ce"):
+        batch = ens.generate_ids(prompts, method=method, max_new_tokens=12, seed=[11, 12, 13, 14])
+        for i, prompt in enumerate(prompts):
+            alone = ens.generate_ids([prompt], method=method, max_new_tokens=12, seed=11 + i)[0]
+            assert alone.token_ids == batch[i].token_ids and alone.finish_reason == batch[i].finish_reason
+    reasons = {g.finish_reason for method in ("me", "ce") for g in ens.generate_ids(prompts, method=method, max_new_tokens=12, seed=[11, 12, 13, 14])}
+    assert reasons == {"eos", "length"}, f"the test needs both early and full-length requests, got {reasons}"
