@@ -14,7 +14,7 @@ setup:
 
 # The main job on the embedded default: ME over the two demo members shipped in the package.
 demo: setup
-	me-generate --compare
+	$(PYTHON) -m me_runtime.cli --compare   # = the me-generate console script
 
 # The test suite as CI runs it: Triton kernels on CPU tensors under the interpreter.
 test:
