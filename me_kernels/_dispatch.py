@@ -2,13 +2,14 @@
 when TRITON_INTERPRET=1 is set at call time, else the torch reference (the CPU path)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["use_triton", "eager"]
+__all__ = ["use_triton", "eager", "on_device"]
 
 
 @triton.jit
@@ -42,3 +43,11 @@ def eager() -> bool:
     through the registered torch op (saves the dispatcher's overhead on every decode step);
     under torch.compile the registered op is used so the call is traceable."""
     return not torch.compiler.is_compiling()
+
+
+def on_device(device: torch.device):
+    """Context for a kernel launch: Triton launches on the *current* CUDA device and stream, not
+    on the tensors' device, so a launch on tensors of another GPU must make theirs current."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import on_device
+
 __all__ = [
     "STREAM_TOKEN",
     "STREAM_MEMBER",
@@ -226,5 +228,6 @@ def uniforms_triton(seed: torch.Tensor, offset: torch.Tensor, stream: int, n: in
     offset = offset.to(torch.int64).contiguous()
     out = torch.empty((seed.shape[0], n), dtype=torch.float32, device=seed.device)
     block = 256
-    _uniforms_kernel[(seed.shape[0], triton.cdiv(n, block))](seed, offset, out, n, stream, BLOCK=block)
+    with on_device(seed.device):
+        _uniforms_kernel[(seed.shape[0], triton.cdiv(n, block))](seed, offset, out, n, stream, BLOCK=block)
     return out

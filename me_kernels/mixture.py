@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._dispatch import eager, use_triton
+from ._dispatch import eager, on_device, use_triton
 from ._random import STREAM_MIXTURE
 from ._validate import RowParam, check_mixture_logits, check_weights, sampling_params, seed_param
 from .sampling import NEG_INF, POS_INF, _load_raw, _row_param, _sample_row, _tile_offsets, _values, block_config, \
@@ -181,14 +181,13 @@ def _mixture_sample_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _chunking(batch: int, n_tiles: int, device) -> tuple[int, int]:
-    """(tiles per chunk, chunks) so that batch * chunks programs fill the GPU (about 2 waves)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
-    want = max(1, min(n_tiles, triton.cdiv(2 * sms, max(batch, 1)), _MAX_CHUNKS))
-    per = triton.cdiv(n_tiles, want)
+def _chunking(n_tiles: int) -> tuple[int, int]:
+    """(tiles per chunk, chunks) from the vocabulary alone. The per-member log-sum-exp is merged
+    from the chunks' partials, so the chunking must not depend on the batch size or the GPU:
+    otherwise a row's mixture values (and near-tie draws) would change with the batch it is in.
+    Up to _MAX_CHUNKS chunks per row give a single row enough programs to fill the GPU; at large
+    batches the extra partials are a few bytes per chunk."""
+    per = triton.cdiv(n_tiles, max(1, min(n_tiles, _MAX_CHUNKS)))
     return per, triton.cdiv(n_tiles, per)
 
 
@@ -196,14 +195,15 @@ def _partials(logits, cfg):
     num_members, batch, vocab = logits.shape
     block = cfg["NSUB"] * cfg["SUB"]
     n_tiles = triton.cdiv(vocab, block)
-    per, n_chunks = _chunking(batch, n_tiles, logits.device)
+    per, n_chunks = _chunking(n_tiles)
     mix_pad = triton.next_power_of_2(num_members)
     part = torch.empty((batch, n_chunks, _FIELDS.value, mix_pad), dtype=torch.float32, device=logits.device)
-    _mixture_partials_kernel[(batch, n_chunks)](
-        logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
-        part, per, n_chunks,
-        MIX_PAD=mix_pad, NSUB=4, SUB=cfg["SUB"], num_warps=4,
-    )
+    with on_device(logits.device):
+        _mixture_partials_kernel[(batch, n_chunks)](
+            logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
+            part, per, n_chunks,
+            MIX_PAD=mix_pad, NSUB=4, SUB=cfg["SUB"], num_warps=4,
+        )
     return part, per, n_chunks, mix_pad
 
 
@@ -220,12 +220,13 @@ def _launch_logprobs(logits, weights):
         return out
     cfg = _partials_config(vocab, logits.device)
     part, per, n_chunks, mix_pad = _partials(logits, cfg)
-    _mixture_logprobs_kernel[(batch, n_chunks)](
-        logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
-        weights, weights.stride(0) if weights.dim() == 2 else 0, weights.stride(-1),
-        part, per, n_chunks, out, out.stride(0),
-        MIX_PAD=mix_pad, CH_PAD=_MAX_CHUNKS, NSUB=4, SUB=cfg["SUB"], num_warps=4,
-    )
+    with on_device(logits.device):
+        _mixture_logprobs_kernel[(batch, n_chunks)](
+            logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
+            weights, weights.stride(0) if weights.dim() == 2 else 0, weights.stride(-1),
+            part, per, n_chunks, out, out.stride(0),
+            MIX_PAD=mix_pad, CH_PAD=_MAX_CHUNKS, NSUB=4, SUB=cfg["SUB"], num_warps=4,
+        )
     return out
 
 
@@ -248,18 +249,19 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
         t, s = param
         return (t if t is not None else dummy, t.stride(0) if t is not None else 0, s)
 
-    _mixture_sample_kernel[(batch,)](
-        logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
-        weights, weights.stride(0) if weights.dim() == 2 else 0, weights.stride(-1), part, n_chunks,
-        *tensor_args(temp), *tensor_args(top_k), *tensor_args(top_p), *tensor_args(min_p),
-        *tensor_args(seed), *tensor_args(offset),
-        tokens, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
-        debug if debug is not None else dummy, int(debug is not None),
-        HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
-        HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
-        MIX_PAD=mix_pad, CH_PAD=_MAX_CHUNKS,
-        NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
-    )
+    with on_device(device):
+        _mixture_sample_kernel[(batch,)](
+            logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
+            weights, weights.stride(0) if weights.dim() == 2 else 0, weights.stride(-1), part, n_chunks,
+            *tensor_args(temp), *tensor_args(top_k), *tensor_args(top_p), *tensor_args(min_p),
+            *tensor_args(seed), *tensor_args(offset),
+            tokens, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
+            debug if debug is not None else dummy, int(debug is not None),
+            HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
+            HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
+            MIX_PAD=mix_pad, CH_PAD=_MAX_CHUNKS,
+            NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
+        )
     return tokens
 
 

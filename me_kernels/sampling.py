@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._dispatch import eager, use_triton
+from ._dispatch import eager, on_device, use_triton
 from ._random import STREAM_TOKEN, gumbel_at, gumbel_tile
 from ._validate import check_logits, check_weights, sampling_params, seed_param
 from .selection import draw_members
@@ -361,6 +361,9 @@ def _candidate_threshold(kv, e, live, base, target, by_mass, P: tl.constexpr):
     BIG: tl.constexpr = 1 << 40
     k_lo = tl.min(tl.where(live, kv, BIG))
     k_hi = tl.max(tl.where(live, kv, -BIG)) + 1
+    # crit is monotone, so every pivot can fail only when the smallest candidate already misses
+    # the target (fp32 rounding of the masses); the band then empties and k_lo becomes BIG.
+    k_min = k_lo
     H: tl.constexpr = P // 2
     j = tl.arange(0, P)
     while (k_hi - k_lo) > 1:
@@ -379,7 +382,7 @@ def _candidate_threshold(kv, e, live, base, target, by_mass, P: tl.constexpr):
         in_band = live & (kv >= k_lo) & (kv < k_hi)
         k_lo = tl.min(tl.where(in_band, kv, BIG))
         k_hi = tl.max(tl.where(in_band, kv, -BIG)) + 1
-    return _k2f(k_lo)
+    return _k2f(tl.where(k_lo >= BIG, k_min, k_lo))
 
 
 @triton.jit
@@ -771,18 +774,19 @@ def _launch_sample(logits, temp, top_k, top_p, min_p, seed, offset, weights=None
     else:
         w_args = (dummy, 0, 0, 1)
         m_pad = 1
-    _sample_kernel[(batch,)](
-        logits, logits.stride(0), logits.stride(1), vocab,
-        *tensor_args(temp), *tensor_args(top_k), *tensor_args(top_p), *tensor_args(min_p),
-        *tensor_args(seed), *tensor_args(offset),
-        *w_args,
-        tokens, members, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
-        debug if debug is not None else dummy, int(debug is not None),
-        HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
-        HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
-        SELECT=select, SHARED=bool(shared), M_PAD=m_pad,
-        NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
-    )
+    with on_device(device):
+        _sample_kernel[(batch,)](
+            logits, logits.stride(0), logits.stride(1), vocab,
+            *tensor_args(temp), *tensor_args(top_k), *tensor_args(top_p), *tensor_args(min_p),
+            *tensor_args(seed), *tensor_args(offset),
+            *w_args,
+            tokens, members, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
+            debug if debug is not None else dummy, int(debug is not None),
+            HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
+            HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
+            SELECT=select, SHARED=bool(shared), M_PAD=m_pad,
+            NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
+        )
     return tokens, members
 
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._dispatch import eager, use_triton
+from ._dispatch import eager, on_device, use_triton
 from ._random import STREAM_MEMBER, gumbel_at
 from ._validate import check_batch, check_weights, seed_param
 
@@ -84,14 +84,15 @@ def _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch):
     # Two row-block classes only: each distinct BLOCK_B is another compilation.
     block_b = max(1, min(16 if batch <= 16 else 128, 4096 // m_pad))
     grid = (triton.cdiv(batch, block_b),)
-    _select_members_kernel[grid](
-        weights, stride_wb, weights.stride(-1), m, batch,
-        seed_t if seed_t is not None else out, seed_t.stride(0) if seed_t is not None else 0, seed_s,
-        off_t if off_t is not None else out, off_t.stride(0) if off_t is not None else 0, off_s,
-        out,
-        HAS_SEED=seed_t is not None, HAS_OFF=off_t is not None,
-        M_PAD=m_pad, BLOCK_B=block_b, num_warps=4,
-    )
+    with on_device(weights.device):
+        _select_members_kernel[grid](
+            weights, stride_wb, weights.stride(-1), m, batch,
+            seed_t if seed_t is not None else out, seed_t.stride(0) if seed_t is not None else 0, seed_s,
+            off_t if off_t is not None else out, off_t.stride(0) if off_t is not None else 0, off_s,
+            out,
+            HAS_SEED=seed_t is not None, HAS_OFF=off_t is not None,
+            M_PAD=m_pad, BLOCK_B=block_b, num_warps=4,
+        )
     return out
 
 

@@ -200,3 +200,19 @@ def test_cuda_mixture_large():
     assert_tokens_match(got, want, x, top_p=0.9, seed=seeds, stream=STREAM_MIXTURE)
     lp = K.mixture_logprobs(logits.cuda(), w.cuda())
     assert torch.allclose(lp.cpu(), x, atol=2e-5)
+
+
+def test_mixture_is_batch_invariant_bitwise(kernel_device):
+    # The per-member log-sum-exp is merged from per-chunk partials: the chunking must depend on
+    # the vocabulary only, or a row's values change with the batch size (and the GPU's SM count).
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 8, 8000, generator=gen) * 6).to(kernel_device)
+    w = torch.tensor([0.5, 0.3, 0.2], device=kernel_device)
+    whole = K.mixture_logprobs(logits, w)
+    alone = torch.cat([K.mixture_logprobs(logits[:, b : b + 1], w) for b in range(8)])
+    assert torch.equal(whole, alone)
+    seeds = torch.arange(8, device=kernel_device)
+    tokens = K.mixture_sample(logits, w, top_p=0.9, seed=seeds, offset=2)
+    for b in (0, 5):
+        one = K.mixture_sample(logits[:, b : b + 1], w, top_p=0.9, seed=seeds[b : b + 1], offset=2)
+        assert int(one[0]) == int(tokens[b])

@@ -485,3 +485,41 @@ def test_cuda_large_batch_matches_reference(dtype):
         got = K.sample(x.cuda(), seed=seeds.cuda(), offset=11, **params)
         want = R.sample_reference(x.cuda(), seed=seeds.cuda(), offset=11, **params)
         assert_tokens_match(got, want, x, seed=seeds, offset=11, **params)
+
+
+def test_top_p_threshold_when_even_the_smallest_candidate_misses_by_rounding(kernel_device):
+    # top_p just below 1 on log-softmax rows whose two smallest values are adjacent floats: the
+    # candidates' re-summed mass can fall an ulp short of the target. The threshold must then be
+    # the smallest candidate (keep the whole band), never a made-up value such as 0.0, and no valid
+    # row may come back -1.
+    from me_kernels.sampling import sample_thresholds
+
+    gen = torch.Generator().manual_seed(1)
+    rows, vocab = 200, 60
+    x = torch.randn(rows, vocab, generator=gen) * 3
+    x[:, 0] = x.min(1).values - 1.0
+    x = torch.log_softmax(x, 1)
+    x[:, 1] = torch.nextafter(x[:, 0], torch.zeros(rows))
+    top_p = float(torch.tensor(1.0 - 2**-24, dtype=torch.float32))
+    tokens, info = sample_thresholds(x.to(kernel_device), top_p=top_p, temperature=0.5, seed=torch.arange(rows).to(kernel_device))
+    tokens, tau_p = tokens.cpu(), info[:, 1].cpu()
+    assert int((tokens < 0).sum()) == 0
+    assert not bool((tau_p == 0.0).any())
+    # every threshold is one of the row's own values
+    assert bool(((x == tau_p[:, None]) | torch.isinf(tau_p)[:, None]).any(1).all())
+
+
+@pytest.mark.gpu
+def test_kernels_launch_on_the_tensors_device():
+    # Triton launches on the current device: the launchers must switch to the tensors' GPU.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    logits = torch.randn(4, 1000, device="cuda:1")
+    w = torch.tensor([0.5, 0.5], device="cuda:1")
+    seeds = torch.arange(4, device="cuda:1")
+    with torch.cuda.device(0):
+        tokens, members = K.me_step(logits, w, top_p=0.9, seed=seeds, offset=1)
+        mixed = K.mixture_sample(torch.stack([logits, logits]), w, seed=seeds, offset=1)
+    assert tokens.device == members.device == mixed.device == logits.device
+    ref = K.sample(logits.cpu(), top_p=0.9, seed=seeds.cpu(), offset=1)
+    assert tokens.cpu().tolist() == ref.tolist()
