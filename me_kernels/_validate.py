@@ -191,7 +191,8 @@ def check_weights(weights, name: str, device: torch.device, num_members: int | N
 
     Host-known values (CPU tensor, list) must be finite, non-negative and not all zero per row;
     CUDA tensors are not read (a bad device row yields -1 in the kernels). Returns a float32
-    tensor on `device` ([M] or [B, M], strides kept).
+    tensor on `device` ([M] or [B, M], strides kept). Host weights are copied to the device on
+    every call, which cannot happen inside a CUDA-graph capture: pass device weights there.
     """
     if isinstance(weights, (list, tuple)):
         if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in weights):

@@ -691,7 +691,8 @@ def _sample_kernel(
         temp, top_k, top_p, min_p, seed, offset, True,
         _TOKEN_STREAM, 0, 1, NSUB, SUB, P, CAP)
     tl.store(tok_ptr + row, token.to(tl.int64))
-    if debug != 0:  # a runtime flag, not a constexpr: no extra compilation for the debug entry
+    if debug != 0:  # a runtime flag, not a constexpr (the debug entry still compiles once more: its
+        # info buffer is fp32 where normal calls pass the int64 tokens as the unused pointer)
         tl.store(dbg_ptr + row * 4 + 0, tau_k)
         tl.store(dbg_ptr + row * 4 + 1, tau_p)
         tl.store(dbg_ptr + row * 4 + 2, passes.to(tl.float32))
@@ -902,7 +903,8 @@ def me_step(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, 
 
     Args:
         logits: [B, V], the chosen members' last-position logits (as for `sample`).
-        weights: [M] or [B, M] member weights (as for `select_members`).
+        weights: [M] or [B, M] member weights (as for `select_members`); a device tensor when the
+            call is captured in a CUDA graph (host weights are copied to the device per call).
         temperature, top_k, top_p, min_p, seed, offset: as for `sample`.
         shared: draw one member for the whole batch from row 0's weights, seed and offset.
     Returns:
