@@ -11,6 +11,11 @@ values), for each member count M and batch size B, side by side in one process:
     hf-generate Hugging Face `generate` on member 0 (sampling, same top_p / temperature)
     seed-algo   the paper's reference loop re-implemented (B = 1 only; bench/seed_algorithm.py)
 
+The runtime rows (me, me-shared, ce, single) run on each engine of --engines: "stacked" (one
+grouped-GEMM forward per step for all rows, preallocated caches) and "hf" (Hugging Face forwards
+member by member); the engine is a column, and the ratios compare rows of one engine plus stacked
+vs hf for the same row.
+
 Each row reports tokens/s (all requests), ms per decode step, peak GPU memory, and the floor:
 the bytes a step must read (the weights of the members that run -- in expectation for
 independent ME -- plus their KV caches) over the measured copy bandwidth.
@@ -38,6 +43,8 @@ from me_runtime import Ensemble  # noqa: E402
 from seed_algorithm import SeedAlgorithm  # noqa: E402
 
 ROWS = ("me", "me-shared", "ce", "single", "hf-generate", "seed-algo")
+RUNTIME_ROWS = ("me", "me-shared", "ce", "single")
+ENGINES = ("stacked", "hf")
 
 
 # ------------------------------------------------------------------------------ setup
@@ -168,6 +175,7 @@ def parse_args(argv=None):
         help="ARCH:M:B,... measured in this order instead of the archs x members x batches grid "
         "(put the cells that matter first when --max-seconds may cut the run short)",
     )
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {ENGINES} for the runtime rows")
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -204,6 +212,9 @@ def main(argv=None) -> int:
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise SystemExit(f"e2e: unknown rows {sorted(unknown)}; choose from {ROWS}")
+    engines = [e for e in args.engines.split(",") if e]
+    if set(engines) - set(ENGINES):
+        raise SystemExit(f"e2e: unknown engines {sorted(set(engines) - set(ENGINES))}; choose from {ENGINES}")
     member_counts = [int(m) for m in args.members.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     params = {"temperature": args.temperature, "top_p": args.top_p}
@@ -249,18 +260,21 @@ def main(argv=None) -> int:
             built[arch] = (models, model_bytes(models[0]), kv_bytes_per_token(models[0]), models[0].config.vocab_size)
         all_models, weights_bytes, kv_per_token, vocab = built[arch]
         models = all_models[:num]
-        ens = Ensemble(models)  # uniform weights
+        # uniform weights; the stacked engine shares the members' weights (no second copy)
+        ensembles = {e: Ensemble(models, engine=e) for e in engines}
         gen = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
-        for row in rows:
+        jobs = [(row, e) for row in rows for e in (engines if row in RUNTIME_ROWS else ["-"])]
+        for row, engine in jobs:
+            ens = ensembles[engine if engine != "-" else engines[0]]
             if row == "seed-algo" and batch != 1:
                 continue
             if time.perf_counter() - started > args.max_seconds:
-                skipped.append({"arch": arch, "members": num, "batch": batch, "row": row})
+                skipped.append({"arch": arch, "members": num, "batch": batch, "row": row, "engine": engine})
                 continue
-            if (arch, row, batch) not in warmed:  # first use compiles kernels / sizes allocator pools
+            if (arch, row, engine, batch) not in warmed:  # first use compiles kernels / sizes allocator pools
                 run_row(row, ens, models, prompts, 4, params, seed=0)
-                warmed.add((arch, row, batch))
+                warmed.add((arch, row, engine, batch))
             runs = [
                 timed(lambda: run_row(row, ens, models, prompts, args.new_tokens, params, seed=1 + r), device)
                 for r in range(args.repeats)
@@ -276,6 +290,7 @@ def main(argv=None) -> int:
                 "members": num,
                 "batch": batch,
                 "row": row,
+                "engine": engine,
                 "seconds": seconds,
                 "tokens": count,
                 "tokens_per_s": count / seconds,
@@ -286,10 +301,11 @@ def main(argv=None) -> int:
                 "members_per_step": members_per_step,
                 "peak_memory_GB": None if peak is None else peak / 1e9,
                 "weights_GB": num * weights_bytes / 1e9,
+                "kv_cache_GB": getattr(ens._engine, "cache_bytes", 0) / 1e9 if engine == "stacked" else None,
             }
             results.append(rec)
             print(
-                f"{arch:14s} M={num} B={batch:<3d} {row:12s} {rec['tokens_per_s']:9.1f} tok/s "
+                f"{arch:14s} M={num} B={batch:<3d} {row:12s} {engine:8s} {rec['tokens_per_s']:9.1f} tok/s "
                 f"{rec['ms_per_step']:8.2f} ms/step  floor {floor_ms:7.2f} ms/step",
                 flush=True,
             )
@@ -314,17 +330,29 @@ def write_json(path, data) -> None:
 
 
 def compute_ratios(results):
-    by_key = {(r["arch"], r["members"], r["batch"], r["row"]): r for r in results}
+    """ME rows against the other rows of the same engine (and the engine-less baselines), and the
+    stacked engine against the hf engine for the same row."""
+    by_key = {(r["arch"], r["members"], r["batch"], r["row"], r.get("engine", "hf")): r for r in results}
     ratios = []
-    for (arch, num, batch, row), r in by_key.items():
-        if row not in ("me", "me-shared"):
+    for (arch, num, batch, row, engine), r in by_key.items():
+        if row not in RUNTIME_ROWS:
             continue
-        rec = {"arch": arch, "members": num, "batch": batch, "row": row}
-        for other in ("ce", "single", "hf-generate", "seed-algo"):
-            o = by_key.get((arch, num, batch, other))
+        rec = {"arch": arch, "members": num, "batch": batch, "row": row, "engine": engine}
+        if row in ("me", "me-shared"):
+            for other in ("ce", "single"):
+                o = by_key.get((arch, num, batch, other, engine))
+                if o is not None:
+                    rec[f"vs_{other}"] = r["tokens_per_s"] / o["tokens_per_s"]
+            for other in ("hf-generate", "seed-algo"):
+                o = by_key.get((arch, num, batch, other, "-"))
+                if o is not None:
+                    rec[f"vs_{other}"] = r["tokens_per_s"] / o["tokens_per_s"]
+        if engine == "stacked":
+            o = by_key.get((arch, num, batch, row, "hf"))
             if o is not None:
-                rec[f"vs_{other}"] = r["tokens_per_s"] / o["tokens_per_s"]
-        ratios.append(rec)
+                rec["vs_hf_engine"] = r["tokens_per_s"] / o["tokens_per_s"]
+        if len(rec) > 5:
+            ratios.append(rec)
     return ratios
 
 
@@ -334,21 +362,22 @@ def format_tables(out) -> str:
         f"device: {meta['device']}  date: {meta['date']}  torch {meta['torch']}  "
         f"bandwidth {meta['bandwidth_GBps']:.0f} GB/s  prompt {meta['prompt_len']}  new {meta['new_tokens']}",
         "",
-        "| arch | M | B | row | tokens/s | ms/step | floor ms/step | floor/measured | peak mem GB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arch | M | B | row | engine | tokens/s | ms/step | floor ms/step | floor/measured | peak mem GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["results"]:
         mem = "-" if r["peak_memory_GB"] is None else f"{r['peak_memory_GB']:.2f}"
         lines.append(
-            f"| {r['arch']} | {r['members']} | {r['batch']} | {r['row']} | {r['tokens_per_s']:.1f} | "
+            f"| {r['arch']} | {r['members']} | {r['batch']} | {r['row']} | {r.get('engine', '-')} | {r['tokens_per_s']:.1f} | "
             f"{r['ms_per_step']:.2f} | {r['floor_ms_per_step']:.2f} | {r['fraction_of_floor']:.2f} | {mem} |"
         )
-    lines += ["", "| arch | M | B | row | vs CE | vs single | vs HF generate | vs seed algorithm |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| arch | M | B | row | engine | vs CE | vs single | vs HF generate | vs seed algorithm | vs hf engine |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["ratios"]:
         cell = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
         lines.append(
-            f"| {r['arch']} | {r['members']} | {r['batch']} | {r['row']} | {cell('vs_ce')} | {cell('vs_single')} | "
-            f"{cell('vs_hf-generate')} | {cell('vs_seed-algo')} |"
+            f"| {r['arch']} | {r['members']} | {r['batch']} | {r['row']} | {r.get('engine', '-')} | {cell('vs_ce')} | "
+            f"{cell('vs_single')} | {cell('vs_hf-generate')} | {cell('vs_seed-algo')} | {cell('vs_hf_engine')} |"
         )
     if out["skipped"]:
         lines.append(f"\nskipped (time budget): {len(out['skipped'])} rows")

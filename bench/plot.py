@@ -19,7 +19,7 @@ import sys
 def plot_speedups(e2e: dict, path: str) -> bool:
     import matplotlib.pyplot as plt
 
-    ratios = [r for r in e2e.get("ratios", []) if "vs_ce" in r]
+    ratios = [r for r in e2e.get("ratios", []) if "vs_ce" in r and r.get("engine", "stacked") in ("stacked", "-")]
     if not ratios:
         return False
     archs = sorted({r["arch"] for r in ratios})

@@ -13,15 +13,16 @@ import json
 import os
 import sys
 
-# (M, B, row, ratio key, goal, label): the end-to-end issue's GPU targets, the runtime issue's CPU ones
+# (M, B, row, engine, ratio key, goal, label): the stacked-engine issue's CPU and GPU targets
 CPU_TARGETS = [
-    (3, 1, "me", "vs_ce", 2.2, "ME/CE at B=1, M=3 (CPU goal)"),
-    (3, 1, "me", "vs_single", 0.8, "ME/single at B=1, M=3 (CPU goal)"),
+    (3, 1, "me", "stacked", "vs_ce", 2.7, "ME/CE at B=1, M=3 (CPU goal)"),
+    (3, 1, "me", "stacked", "vs_single", 0.9, "ME/single at B=1, M=3 (CPU goal)"),
+    (3, 1, "me", "stacked", "vs_hf_engine", 1.5, "stacked ME / hf-engine ME at B=1, M=3"),
 ]
 E2E_TARGETS = [
-    (3, 1, "me", "vs_ce", 2.7, "ME/CE at B=1, M=3 (paper's best 2.68)"),
-    (3, 1, "me", "vs_single", 0.9, "ME/single at B=1, M=3"),
-    (3, 32, "me-shared", "vs_ce", 2.5, "ME shared/CE at B=32, M=3"),
+    (3, 1, "me", "stacked", "vs_ce", 2.9, "ME/CE at B=1, M=3 (paper's best 2.68)"),
+    (3, 1, "me", "stacked", "vs_single", 0.9, "ME/single at B=1, M=3"),
+    (3, 32, "me-shared", "stacked", "vs_ce", 2.5, "ME shared/CE at B=32, M=3"),
 ]
 
 
@@ -39,8 +40,9 @@ def e2e_lines(e2e) -> list[str]:
     if meta.get("new_tokens", 0) < 64 or (on_cpu and meta.get("repeats", 1) < 2):
         lines.insert(1, f"(smoke run: {meta.get('new_tokens')} new tokens, {meta.get('repeats')} repeat(s): checks that the "
                      "benchmark runs; too short to judge the goals)")
-    for num, batch, row, key, goal, label in CPU_TARGETS if on_cpu else E2E_TARGETS:
-        found = [r for r in e2e.get("ratios", []) if r["members"] == num and r["batch"] == batch and r["row"] == row and key in r]
+    for num, batch, row, engine, key, goal, label in CPU_TARGETS if on_cpu else E2E_TARGETS:
+        found = [r for r in e2e.get("ratios", []) if r["members"] == num and r["batch"] == batch and r["row"] == row
+                 and r.get("engine", "hf") == engine and key in r]
         if not found:
             lines.append(f"| {label} | - | not measured | {goal} | |")
         for r in found:

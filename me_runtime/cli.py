@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="torch dtype for the members, e.g. bfloat16 (default: as saved)")
+    p.add_argument("--engine", choices=("auto", "stacked", "hf"), default="auto",
+                   help="stacked: one grouped-GEMM forward per step (Llama/Mistral/Qwen2/Qwen3); hf: Hugging Face "
+                   "forwards member by member; auto: stacked when every member is supported")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + new tokens (default: the members' smallest context length)")
     p.add_argument("--device", default=None, help="device for the members (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the tiny demo members, else torch's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the checkpoints")
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         ens = Ensemble.from_pretrained(
-            paths, weights=weights, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code
+            paths, weights=weights, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
+            engine=args.engine, max_seq_len=args.max_seq_len,
         )
     except (ValueError, TypeError, OSError) as err:
         print(f"me-generate: {err}", file=sys.stderr)
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_trace(ens.tokenizer, gen.token_ids, gen.members, color))
         counts = [gen.members.count(m) for m in range(ens.num_members)]
         print("--- tokens per member: " + ", ".join(f"{m}: {c}" for m, c in enumerate(counts)))
-    print(f"--- speed: {args.method} {tps:.1f} tokens/s on {ens.device}")
+    print(f"--- speed: {args.method} {tps:.1f} tokens/s on {ens.device} (engine {ens.engine})")
     if args.compare and args.method != "ce":
         ce_gen, ce_tps = _timed_generate(ens, prompt, args, "ce")
         print(f"--- ce ({len(ce_gen.token_ids)} tokens, same prompt and seed)\n{prompt}{ce_gen.text}")

@@ -11,7 +11,6 @@ interrupted call leaves it usable too.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import secrets
@@ -23,6 +22,8 @@ import torch
 import me_kernels
 
 from .decode import SamplingParams, decode
+from .hf_engine import HFEngine
+from .stacked_engine import StackedEngine, check_supported
 from .stopping import StopChecker, eos_token_ids, normalize_stop
 
 METHODS = ("me", "ce", "single")
@@ -124,6 +125,38 @@ def _check_seeds(seed, count: int) -> list[int]:
     return seeds
 
 
+ENGINES = ("auto", "stacked", "hf")
+
+
+def _context_length(model: torch.nn.Module) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _check_max_seq_len(max_seq_len, models) -> int:
+    contexts = [c for c in (_context_length(m) for m in models) if c is not None]
+    if max_seq_len is None:
+        if not contexts:
+            raise ValueError("max_seq_len is needed: no member's config gives max_position_embeddings")
+        return min(contexts)
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
+        raise TypeError(f"max_seq_len must be an int, got {type(max_seq_len).__name__}")
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    return max_seq_len
+
+
+def _build_engine(engine: str, models, device, vocab_size: int, max_seq_len: int):
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        engine = "stacked" if all(r is None for r in check_supported(models)) else "hf"
+    if engine == "stacked":
+        return StackedEngine(models, device, vocab_size, max_seq_len)
+    return HFEngine(models, device, vocab_size)
+
+
 class Ensemble:
     """A mixture of Hugging Face causal LMs sharing one vocabulary.
 
@@ -134,9 +167,20 @@ class Ensemble:
         tokenizer: shared tokenizer, or None for token-id use (generate_ids / score_ids).
         weights: mixture weights, one per member, non-negative, not all zero (normalised);
             uniform by default.
+        engine: "stacked" (the package's own decoder for Llama / Mistral / Qwen2 / Qwen3 members:
+            members of one shape are stacked and every step is one grouped-GEMM forward for all
+            rows, whatever member each row chose; preallocated KV caches), "hf" (each member's
+            Hugging Face forward; any causal LM) or "auto" ("stacked" when every member is
+            supported, else "hf"). Both give the same distributions and, up to float rounding at
+            exact ties, the same tokens for the same seeds.
+        max_seq_len: the longest sequence (prompt + new tokens) a request may reach: the stacked
+            engine's cache capacity. Default: the smallest context length (max_position_embeddings)
+            among the members. A request that would not fit is refused with ValueError before any
+            work.
     """
 
-    def __init__(self, models: Sequence[torch.nn.Module], tokenizer=None, weights=None):
+    def __init__(self, models: Sequence[torch.nn.Module], tokenizer=None, weights=None, *, engine: str = "auto",
+                 max_seq_len: int | None = None):
         if isinstance(models, torch.nn.Module):
             models = [models]
         if not isinstance(models, (list, tuple)) or not models:
@@ -158,7 +202,8 @@ class Ensemble:
         self._weights = _check_weights(weights, len(self.models))
         self.device = next(self.models[0].parameters()).device
         self.eos_token_ids = eos_token_ids(self.models, tokenizer)
-        self._keeps_logits = all("logits_to_keep" in inspect.signature(m.forward).parameters for m in self.models)
+        self.max_seq_len = _check_max_seq_len(max_seq_len, self.models)
+        self._engine = _build_engine(engine, self.models, self.device, self.vocab_size, self.max_seq_len)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -170,6 +215,8 @@ class Ensemble:
         dtype=None,
         device=None,
         trust_remote_code: bool = False,
+        engine: str = "auto",
+        max_seq_len: int | None = None,
     ) -> Ensemble:
         """Load members with AutoModelForCausalLM (safetensors only) and the shared tokenizer.
 
@@ -180,6 +227,7 @@ class Ensemble:
                 member; None keeps transformers' default.
             device: one device for all members, or a list with one device per member.
             trust_remote_code: run custom modelling code from the checkpoints (off unless asked).
+            engine, max_seq_len: see Ensemble.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -189,6 +237,8 @@ class Ensemble:
         if not paths:
             raise ValueError("paths must name at least one model")
         _check_weights(weights, len(paths))  # fail before loading anything
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(paths)
         if len(devices) != len(paths):
             raise ValueError(f"device has {len(devices)} entries but there are {len(paths)} paths")
@@ -218,12 +268,18 @@ class Ensemble:
             if dev is not None:
                 model = model.to(dev)
             models.append(model)
-        return cls(models, tokenizer=known[0] if known else None, weights=weights)
+        return cls(models, tokenizer=known[0] if known else None, weights=weights, engine=engine,
+                   max_seq_len=max_seq_len)
 
     # ---------------------------------------------------------------- properties
     @property
     def num_members(self) -> int:
         return len(self.models)
+
+    @property
+    def engine(self) -> str:
+        """The engine in use: "stacked" or "hf"."""
+        return self._engine.name
 
     @property
     def weights(self) -> list[float]:
@@ -302,11 +358,12 @@ class Ensemble:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         params = _check_sampling(temperature, top_k, top_p, min_p)
         seeds = _check_seeds(seed, len(prompts))
+        self._check_fits([len(p) + max_new_tokens for p in prompts], "generate")
         stop_checker = StopChecker(self.tokenizer, normalize_stop(stop))
 
         with torch.inference_mode():
             results = decode(
-                self.models,
+                self._engine,
                 self._weights_tensor(),
                 prompts,
                 seeds,
@@ -362,63 +419,27 @@ class Ensemble:
         conts = self._check_ids(continuation_ids, "continuation_ids", allow_empty=True, allow_no_rows=True)
         if len(prompts) != len(conts):
             raise ValueError(f"{len(prompts)} prompts but {len(conts)} continuations")
+        self._check_fits([len(p) + len(c) for p, c in zip(prompts, conts)], "score_ids")
         scores = [0.0] * len(prompts)
         order = [i for i in range(len(prompts)) if conts[i]]
-        weights = self._weights_tensor()
-        with torch.inference_mode():
-            for chunk in self._score_chunks(order, prompts, conts):
-                for i, value in zip(chunk, self._score_chunk([prompts[i] for i in chunk], [conts[i] for i in chunk], weights)):
-                    scores[i] = value
+        if order:
+            with torch.inference_mode():
+                values = self._engine.score([prompts[i] for i in order], [conts[i] for i in order], self._weights_tensor())
+            for i, value in zip(order, values):
+                scores[i] = value
         return scores
 
-    def _score_chunks(self, order, prompts, conts, max_tokens=16384, max_logit_bytes=1 << 30):
-        """Split rows into chunks whose forward holds at most max_tokens (padded) tokens and
-        whose kept logits, all members together, take at most max_logit_bytes."""
-
-        def too_big(rows, width, cmax):
-            positions = cmax + 1 if self._keeps_logits else width
-            logit_bytes = rows * positions * self.vocab_size * 4 * (self.num_members + 1)
-            return rows * width > max_tokens or logit_bytes > max_logit_bytes
-
-        chunk, width, cmax = [], 0, 0
-        for i in order:
-            row_width, row_cont = len(prompts[i]) + len(conts[i]), len(conts[i])
-            if chunk and too_big(len(chunk) + 1, max(width, row_width), max(cmax, row_cont)):
-                yield chunk
-                chunk, width, cmax = [], 0, 0
-            chunk.append(i)
-            width, cmax = max(width, row_width), max(cmax, row_cont)
-        if chunk:
-            yield chunk
-
-    def _score_chunk(self, prompts, conts, weights) -> list[float]:
-        seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
-        width = max(len(s) for s in seqs)
-        cmax = max(len(c) for c in conts)
-        pad = [width - len(s) for s in seqs]
-        ids = torch.tensor([[0] * n + s for n, s in zip(pad, seqs)], dtype=torch.long)
-        mask = (torch.arange(width)[None, :] >= torch.tensor(pad)[:, None]).long()
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        member_logits = []
-        for model in self.models:
-            dev = next(model.parameters()).device
-            kwargs = {"logits_to_keep": cmax + 1} if self._keeps_logits else {}
-            out = model(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=False, **kwargs
-            )
-            # the logits at the cmax positions that predict the last cmax tokens
-            member_logits.append(out.logits[:, -cmax - 1 : -1, :].to(self.device))
-        rows = len(seqs)
-        stacked = torch.stack(member_logits).reshape(self.num_members, rows * cmax, -1)
-        logmix = me_kernels.mixture_logprobs(stacked, weights).reshape(rows, cmax, -1)
-        targets = ids[:, width - cmax :].to(self.device)
-        token_lp = logmix.gather(2, targets[:, :, None]).squeeze(2).double()
-        valid = torch.arange(cmax, device=self.device)[None, :] >= torch.tensor(
-            [cmax - len(c) for c in conts], device=self.device
-        )[:, None]
-        return token_lp.masked_fill(~valid, 0.0).sum(1).tolist()
-
     # ---------------------------------------------------------------- helpers
+    def _check_fits(self, lengths: list[int], what: str) -> None:
+        """Refuse, before any work, a request longer than max_seq_len (the stacked engine's cache
+        capacity and the members' context)."""
+        for i, n in enumerate(lengths):
+            if n > self.max_seq_len:
+                raise ValueError(
+                    f"{what}: request {i} needs {n} positions (prompt + new tokens) but max_seq_len is "
+                    f"{self.max_seq_len}"
+                )
+
     def _check_ids(self, sequences, name: str, *, allow_empty: bool, allow_no_rows: bool = False) -> list[list[int]]:
         if isinstance(sequences, torch.Tensor):
             sequences = sequences.tolist()
@@ -442,4 +463,5 @@ class Ensemble:
 
     def __repr__(self) -> str:
         names = [type(m).__name__ for m in self.models]
-        return f"Ensemble(members={names}, weights={[round(w, 4) for w in self._weights]}, device={self.device})"
+        return (f"Ensemble(members={names}, weights={[round(w, 4) for w in self._weights]}, device={self.device}, "
+                f"engine={self.engine!r})")

@@ -11,7 +11,9 @@ import torch
 from scipy import stats
 
 from me_runtime import Ensemble
-from me_runtime.decode import Batch, MemberRunner
+from me_runtime.decode import Batch
+from me_runtime.hf_engine import MemberRunner
+from me_runtime.stacked_engine import StackedEngine
 from tiny_models import char_tokenizer, next_token_probs, tiny_member
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as collected (the fixture below flips it)
@@ -19,6 +21,9 @@ V = 5  # vocabulary of the enumeration tests: 5^3 = 125 sequences of 3 tokens
 STEPS = 3
 PROMPT = [1, 3]
 WEIGHTS = [0.5, 0.3, 0.2]
+# Every exactness, seed and batching test runs on both engines: the Hugging Face forwards and the
+# stacked grouped-GEMM decoder (here with two groups: the Llama members stack, Qwen2 has biases).
+ENGINES = ["hf", "stacked"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,9 +46,9 @@ def members():
     ]
 
 
-@pytest.fixture(scope="module")
-def ensemble(members):
-    return Ensemble(members, weights=WEIGHTS)
+@pytest.fixture(scope="module", params=ENGINES)
+def ensemble(members, request):
+    return Ensemble(members, weights=WEIGHTS, engine=request.param)
 
 
 # ----------------------------------------------------------------------------- exact reference
@@ -176,8 +181,9 @@ def test_greedy_ce_is_the_mixture_argmax(ensemble, members):
             prefix.append(tok)
 
 
-def test_greedy_single_matches_hf_generate(members):
-    ens = Ensemble(members, weights=WEIGHTS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_greedy_single_matches_hf_generate(members, engine):
+    ens = Ensemble(members, weights=WEIGHTS, engine=engine)
     prompt = [2, 4, 1]
     ours = ens.generate_ids([prompt], method="single", member=1, temperature=0.0, max_new_tokens=8)[0].token_ids
     hf = members[1].generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, min_new_tokens=8)
@@ -211,10 +217,11 @@ def test_shared_selection_one_member_per_step_and_exact(ensemble, members):
 @pytest.mark.triton_kernels
 @pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels on CPU: needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("method, params", [("me", {}), ("ce", dict(top_p=0.8)), ("me", dict(temperature=0.7, top_k=3))])
-def test_runtime_on_the_triton_kernels(members, method, params, monkeypatch):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_runtime_on_the_triton_kernels(members, method, params, engine, monkeypatch):
     # The kernels draw the reference's Philox numbers, so the runtime gives the same tokens on
     # the interpreted Triton kernels as on the torch reference path.
-    ens = Ensemble(members, weights=WEIGHTS)
+    ens = Ensemble(members, weights=WEIGHTS, engine=engine)
     prompts = [[1, 3], [4, 0, 2]]
     on_kernels = ens.generate_ids(prompts, method=method, max_new_tokens=4, seed=[3, 4], **params)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -228,8 +235,9 @@ RAGGED = [[1, 2, 3, 4, 0, 1, 2], [3], [4, 4, 2], [0, 1]]
 
 @pytest.mark.parametrize("method", ["me", "ce", "single"])
 @pytest.mark.parametrize("selection", ["independent"])
-def test_batch_invariance_and_determinism(members, method, selection):
-    ens = Ensemble(members, weights=WEIGHTS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_batch_invariance_and_determinism(members, method, selection, engine):
+    ens = Ensemble(members, weights=WEIGHTS, engine=engine)
     batch = ens.generate_ids(RAGGED, method=method, max_new_tokens=12, seed=[5, 6, 7, 8], member=2)
     again = ens.generate_ids(RAGGED, method=method, max_new_tokens=12, seed=[5, 6, 7, 8], member=2)
     assert [g.token_ids for g in batch] == [g.token_ids for g in again]
@@ -244,8 +252,9 @@ def test_batch_invariance_and_determinism(members, method, selection):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "2d-mask"])
 def test_padding_masks_for_each_attention_path(attention, monkeypatch):
-    # Ragged prompts are left-padded; each mask path must give every row the logits it gets alone.
-    import me_runtime.decode as decode_module
+    # Ragged prompts are left-padded; each mask path of the hf engine must give every row the
+    # logits it gets alone.
+    import me_runtime.hf_engine as decode_module
 
     models = [tiny_member(arch, V, seed=41 + i, sharpness=4.0) for i, arch in enumerate(("llama", "qwen2"))]
     if attention == "eager":
@@ -255,7 +264,7 @@ def test_padding_masks_for_each_attention_path(attention, monkeypatch):
         monkeypatch.setattr(decode_module, "_padding_mask_kind", lambda config: "2d")
     expected_kind = {"sdpa": "4d-bool", "eager": "4d-float", "2d-mask": "2d"}[attention]
     assert decode_module.MemberRunner(models[0], torch.device("cpu")).mask_kind == expected_kind
-    ens = Ensemble(models)
+    ens = Ensemble(models, engine="hf")
     for method in ("me", "ce"):
         batch = ens.generate_ids(RAGGED, method=method, max_new_tokens=8, seed=[1, 2, 3, 4])
         for i, prompt in enumerate(RAGGED):
@@ -272,10 +281,11 @@ def test_int_seed_means_seed_plus_index(ensemble):
 
 
 @pytest.mark.parametrize("method", ["me", "ce"])
-def test_finished_rows_leave_the_batch_without_changing_the_others(method):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_finished_rows_leave_the_batch_without_changing_the_others(method, engine):
     # EOS = token 2 is likely: requests finish at different steps and are dropped mid-batch.
     models = [tiny_member("llama", 8, seed=21 + i, sharpness=3.0, eos_token_id=2) for i in range(3)]
-    ens = Ensemble(models)
+    ens = Ensemble(models, engine=engine)
     prompts = [[1, 3, 5, 7, 1], [4], [6, 6], [3, 1, 0], [5, 5, 5, 5]]
     seeds = [100, 101, 102, 103, 104]
     gens = ens.generate_ids(prompts, method=method, max_new_tokens=20, seed=seeds)
@@ -376,8 +386,9 @@ def test_progress_bar_and_zero_tokens(text_ensemble):
 
 
 # ----------------------------------------------------------------------------- scoring
-def test_score_is_the_exact_mixture_log_likelihood(members):
-    ens = Ensemble(members, weights=WEIGHTS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_score_is_the_exact_mixture_log_likelihood(members, engine):
+    ens = Ensemble(members, weights=WEIGHTS, engine=engine)
     prompts = [[1, 2, 3], [4], [0, 0, 1, 2, 3, 4, 4]]
     conts = [[4, 4], [1, 2, 3, 0], [2]]
     got = ens.score_ids(prompts, conts)
@@ -458,22 +469,24 @@ def test_bad_prompts_and_members(members, text_ensemble):
         ens.score_ids([[1], [2]], [[1]])
 
 
-def test_interrupted_generate_leaves_the_ensemble_usable(members, monkeypatch):
-    ens = Ensemble(members, weights=WEIGHTS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_interrupted_generate_leaves_the_ensemble_usable(members, engine, monkeypatch):
+    ens = Ensemble(members, weights=WEIGHTS, engine=engine)
     expected = ens.generate_ids(RAGGED, max_new_tokens=6, seed=1)
     calls = {"n": 0}
-    original = MemberRunner.catch_up
+    cls, name = (MemberRunner, "catch_up") if engine == "hf" else (StackedEngine, "_catch_up")
+    original = getattr(cls, name)
 
-    def interrupting(self, batch, t):
+    def interrupting(self, *args):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return original(self, batch, t)
+        return original(self, *args)
 
-    monkeypatch.setattr(MemberRunner, "catch_up", interrupting)
+    monkeypatch.setattr(cls, name, interrupting)
     with pytest.raises(KeyboardInterrupt):
         ens.generate_ids(RAGGED, max_new_tokens=6, seed=1)
-    monkeypatch.setattr(MemberRunner, "catch_up", original)
+    monkeypatch.setattr(cls, name, original)
     assert [g.token_ids for g in ens.generate_ids(RAGGED, max_new_tokens=6, seed=1)] == [g.token_ids for g in expected]
 
 
@@ -510,7 +523,7 @@ def test_other_architectures_batch_invariance_with_finishing_rows(name):
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(3.0)
         models.append(model.eval())
-    ens = Ensemble(models)
+    ens = Ensemble(models)  # "auto": stacked for Mistral and Qwen3, hf for the others
     prompts = [[1, 3, 5, 7, 9, 11, 4], [3], [4, 4, 0], [6, 7]]
     for method in ("me", "ce"):
         batch = ens.generate_ids(prompts, method=method, max_new_tokens=12, seed=[11, 12, 13, 14])

@@ -1,0 +1,247 @@
+"""The "stacked" engine: one grouped-GEMM forward per step for every row, whatever member it chose.
+
+Members whose shapes agree form a group (`StackedGroup`, me_runtime/stacked.py): their weights are
+stacked per projection ([M, N, K]) and every projection of a forward is one `grouped_linear` call
+over all tokens of all rows, each token through its own member's weights. Members of other shapes
+form groups of their own (one forward per group that has rows in the step).
+
+Caches are preallocated per generate call: for every member of a group and every request slot,
+`capacity` positions per layer (the longest prompt + max_new_tokens, at most `max_seq_len`). A row's
+slot never changes while the row is active, so retiring a row moves no cache data.
+
+A step is a set of sequences (member, slot, start, count): the row's tokens at positions
+[start, start + count) that the member has not read yet (`consumed`). Those are device tensors;
+the host keeps a mirror of `consumed` (it knows which member each row ran from the step's one
+transfer) only to pick the static shapes: Q (tokens per sequence, padded) and kv_len (cache
+positions attention reads). So the device work of a step has no data-dependent shape and no
+host synchronisation (`run_sequences` compiles with torch.compile(fullgraph=True)).
+"""
+from __future__ import annotations
+
+import torch
+
+import me_kernels
+
+from .decode import Batch
+from .stacked import StackedGroup, shape_key, unsupported_reason
+
+# Tokens per forward chunk: a long catch-up (a prompt) runs in chunks of at most this many tokens
+# over all its sequences, so activations stay bounded; the cache makes chunking exact.
+CHUNK_TOKENS = 4096
+
+
+def check_supported(models: list[torch.nn.Module]) -> list[str | None]:
+    """unsupported_reason for each member (None where the stacked engine can run it)."""
+    return [unsupported_reason(m) for m in models]
+
+
+def _bucket(n: int, device: torch.device) -> int:
+    """Static-shape bucket for a token count: exact on the CPU (padding costs compute there); a
+    power of two on CUDA, so a few shapes cover every step (CUDA graphs, compiled kernels)."""
+    if device.type != "cuda" or n <= 1:
+        return max(n, 1)
+    return 1 << (n - 1).bit_length()
+
+
+def run_sequences(group: StackedGroup, cache, tokens_buf: torch.Tensor, pad: torch.Tensor, rows: torch.Tensor,
+                  member: torch.Tensor, slot: torch.Tensor, start: torch.Tensor, end: torch.Tensor, *, q: int,
+                  kv_len: int, logits: str) -> torch.Tensor | None:
+    """Feed each sequence's tokens at positions [start, end) (at most q of them) to the group.
+
+    tokens_buf int64 [B, C]: the batch's token buffer, row b's position p at column pad[b] + p;
+    rows, member (local index), slot, start, end: int64 [N] device tensors. Static shapes only
+    (q, kv_len are host ints): this is the device part of a step, free of host synchronisation.
+    Returns the group's logits ("last": float32 [N, V] at position end - 1; "all": [N, q, V]).
+    """
+    count = (end - start).clamp(min=0, max=q)
+    offsets = torch.arange(q, device=tokens_buf.device)
+    cols = (pad[rows] + start)[:, None] + offsets[None, :]
+    cols = cols.clamp(max=tokens_buf.shape[1] - 1)
+    tokens = tokens_buf[rows].gather(1, cols)
+    return group.forward(cache, tokens, member, slot, start, count, kv_len=kv_len, logits=logits)
+
+
+class StackedEngine:
+    """See the module docstring. Built once per Ensemble (stacking re-points the members' weights
+    to views of the stacked tensors, so the weights are held once)."""
+
+    name = "stacked"
+
+    def __init__(self, models: list[torch.nn.Module], sampling_device: torch.device, vocab_size: int, max_seq_len: int):
+        reasons = check_supported(models)
+        for i, reason in enumerate(reasons):
+            if reason is not None:
+                raise ValueError(f"engine='stacked' cannot run member {i}: {reason}")
+        self.sampling_device = sampling_device
+        self.vocab_size = vocab_size
+        self.max_seq_len = int(max_seq_len)
+        keys: dict[tuple, list[int]] = {}
+        for i, model in enumerate(models):
+            keys.setdefault(shape_key(model), []).append(i)
+        self.group_members = list(keys.values())  # ensemble member ids of each group, in order
+        self.groups = [StackedGroup.from_models([models[i] for i in ids]) for ids in self.group_members]
+        self.num_members = len(models)
+        self.member_group = [0] * self.num_members
+        local = [0] * self.num_members
+        for g, ids in enumerate(self.group_members):
+            for j, i in enumerate(ids):
+                self.member_group[i], local[i] = g, j
+        self.member_local = torch.tensor(local, dtype=torch.long, device=sampling_device)
+        self.member_group_dev = torch.tensor(self.member_group, dtype=torch.long, device=sampling_device)
+        self.caches: list = []
+        self.cache_bytes = 0
+
+    # ---------------------------------------------------------------- per-call state
+    def begin(self, batch: Batch) -> None:
+        """Preallocate every group's cache for this batch (slots = rows, capacity = the longest
+        prompt + max_new_tokens)."""
+        need = max(batch.prompt_lens) + batch.max_new_tokens
+        self._allocate(batch.size, need)
+
+    def _allocate(self, slots: int, capacity: int) -> None:
+        if capacity > self.max_seq_len:
+            raise ValueError(f"a request needs {capacity} cache positions but max_seq_len is {self.max_seq_len}")
+        self.caches = [g.new_cache(slots=slots, max_seq_len=capacity) for g in self.groups]
+        self.cache_bytes = sum(c.nbytes for c in self.caches)
+        self.capacity = capacity
+        self.slots = list(range(slots))  # slot of each active row (host)
+        self.slots_dev = torch.arange(slots, device=self.sampling_device)
+        self.consumed = [[0] * slots for _ in range(self.num_members)]  # host mirror [member][slot]
+        self.consumed_dev = torch.zeros((self.num_members, slots), dtype=torch.long, device=self.sampling_device)
+
+    def retire(self, rows: list[int], rows_dev: torch.Tensor) -> None:
+        self.slots = [self.slots[r] for r in rows]
+        self.slots_dev = self.slots_dev[rows_dev]
+
+    def end(self) -> None:
+        self.caches = []
+
+    # ---------------------------------------------------------------- steps
+    def member_logits(self, batch: Batch, t: int, members: torch.Tensor, members_host: list[int]) -> torch.Tensor:
+        rows_host = list(range(batch.size))
+        if len(self.groups) == 1:
+            rows = torch.arange(batch.size, device=self.sampling_device)
+            return self._catch_up(0, batch, t, rows, members.long(), rows_host, members_host)
+        # Several groups: sort rows by group on the device; the host knows each group's row count
+        # (it holds the members), so every group's slice of the order has a static size.
+        members = members.long()
+        order = torch.sort(self.member_group_dev[members], stable=True).indices
+        logits = torch.empty((batch.size, self.vocab_size), dtype=torch.float32, device=self.sampling_device)
+        begin = 0
+        for g in range(len(self.groups)):
+            host_rows = [r for r in rows_host if self.member_group[members_host[r]] == g]
+            if not host_rows:
+                continue
+            rows = order[begin : begin + len(host_rows)]
+            begin += len(host_rows)
+            out = self._catch_up(g, batch, t, rows, members[rows], host_rows, [members_host[r] for r in host_rows])
+            logits.index_copy_(0, rows, out)
+        return logits
+
+    def all_member_logits(self, batch: Batch, t: int) -> torch.Tensor:
+        out = torch.empty((self.num_members, batch.size, self.vocab_size), dtype=torch.float32, device=self.sampling_device)
+        for g, ids in enumerate(self.group_members):
+            n = len(ids)
+            ids_dev = torch.tensor(ids, dtype=torch.long, device=self.sampling_device)
+            rows = torch.arange(batch.size, device=self.sampling_device).repeat(n)
+            members = ids_dev.repeat_interleave(batch.size)
+            rows_host = list(range(batch.size)) * n
+            members_host = [i for i in ids for _ in range(batch.size)]
+            logits = self._catch_up(g, batch, t, rows, members, rows_host, members_host)
+            out[ids_dev] = logits.reshape(n, batch.size, -1)
+        return out
+
+    def _catch_up(self, g: int, batch: Batch, t: int, rows: torch.Tensor, members: torch.Tensor, rows_host: list[int],
+                  members_host: list[int]) -> torch.Tensor:
+        """Run sequences (row, member) of group g over their pending tokens; logits [N, V]."""
+        slots_host = [self.slots[r] for r in rows_host]
+        ends_host = [batch.prompt_lens[r] + t for r in rows_host]
+        starts_host = [self.consumed[m][s] for m, s in zip(members_host, slots_host)]
+        pending = max(e - s for e, s in zip(ends_host, starts_host))
+        kv_len = min(_bucket(max(ends_host), batch.device), self.capacity)
+        slot = self.slots_dev[rows]
+        start = self.consumed_dev[members, slot]
+        end = batch.prompt_lens_dev[rows] + t
+        pad = batch.width - batch.prompt_lens_dev
+        local = self.member_local[members]
+        # Long catch-ups run in chunks aligned on each sequence's END, so every sequence's last
+        # token is in the last chunk (whose logits are the step's).
+        q = min(_bucket(pending, batch.device), max(1, CHUNK_TOKENS // len(rows_host)))
+        n_chunks = -(-pending // q)
+        logits = None
+        for c in range(n_chunks):
+            back = (n_chunks - 1 - c) * q
+            chunk_end = end - back
+            chunk_start = torch.maximum(start, chunk_end - q)
+            last = c == n_chunks - 1
+            logits = run_sequences(self.groups[g], self.caches[g], batch.tokens, pad, rows, local, slot, chunk_start,
+                                   chunk_end, q=q, kv_len=kv_len, logits="last" if last else "none")
+        self.consumed_dev[members, slot] = end
+        for m, s, e in zip(members_host, slots_host, ends_host):
+            self.consumed[m][s] = e
+        return logits.to(self.sampling_device)
+
+    # ---------------------------------------------------------------- scoring
+    def score(self, prompts: list[list[int]], conts: list[list[int]], weights: torch.Tensor) -> list[float]:
+        """Exact mixture log-likelihood of each (non-empty) continuation through the stacked
+        forward: per chunk of rows, every member reads the prompt (no logits), then the scored
+        positions in chunks, so at most [M, rows * q, V] logits exist at once."""
+        scores = [0.0] * len(prompts)
+        max_rows = max(1, CHUNK_TOKENS // 64)
+        for begin in range(0, len(prompts), max_rows):
+            idx = list(range(begin, min(begin + max_rows, len(prompts))))
+            values = self._score_rows([prompts[i] for i in idx], [conts[i] for i in idx], weights)
+            for i, v in zip(idx, values):
+                scores[i] = v
+        return scores
+
+    def _score_rows(self, prompts, conts, weights) -> list[float]:
+        dev = self.sampling_device
+        seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
+        lengths = [len(s) for s in seqs]
+        width = max(lengths)
+        buf = torch.tensor([s + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=dev)
+        pad = torch.zeros(len(seqs), dtype=torch.long, device=dev)
+        self._allocate(len(seqs), width)
+        rows_n = len(seqs)
+        prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
+        total = torch.tensor(lengths, dtype=torch.long, device=dev)
+        # the scored positions: p_k - 1 .. total - 2 (each predicts the next token)
+        first = prompt_lens - 1
+        cmax = max(len(c) for c in conts)
+        member_logps = []
+        for g, ids in enumerate(self.group_members):
+            n = len(ids)
+            rows = torch.arange(rows_n, device=dev).repeat(n)
+            local = torch.arange(n, device=dev).repeat_interleave(rows_n)
+            slot = rows
+            if max(len(p) for p in prompts) > 1:  # the prompts but their last token: no logits
+                q = max(len(p) for p in prompts) - 1
+                for c0 in range(0, q, max(1, CHUNK_TOKENS // len(rows))):
+                    qc = min(max(1, CHUNK_TOKENS // len(rows)), q - c0)
+                    s = torch.full_like(first, c0).repeat(n)
+                    e = torch.minimum(first.repeat(n), s + qc)
+                    run_sequences(self.groups[g], self.caches[g], buf, pad, rows, local, slot, s, e, q=qc,
+                                  kv_len=min(c0 + qc, width), logits="none")
+            member_logps.append((ids, rows, local, slot))
+        # scored positions in chunks of qc, all groups at each chunk, mixed over members
+        out = torch.zeros(rows_n, dtype=torch.float64, device=dev)
+        qc = max(1, min(cmax, CHUNK_TOKENS // (rows_n * self.num_members)))
+        for c0 in range(0, cmax, qc):
+            stacked = torch.empty((self.num_members, rows_n, qc, self.vocab_size), dtype=torch.float32, device=dev)
+            s = first + c0
+            e = torch.minimum(total - 1, s + qc)
+            kv_len = min(max(len(p) for p in prompts) - 1 + c0 + qc, width)
+            for g, (ids, rows, local, slot) in enumerate(member_logps):
+                n = len(ids)
+                logits = run_sequences(self.groups[g], self.caches[g], buf, pad, rows, local, slot, s.repeat(n),
+                                       e.repeat(n), q=qc, kv_len=kv_len, logits="all")
+                stacked[torch.tensor(ids, device=dev)] = logits.reshape(n, rows_n, qc, -1).to(dev)
+            logmix = me_kernels.mixture_logprobs(stacked.reshape(self.num_members, rows_n * qc, -1), weights)
+            pos = s[:, None] + torch.arange(qc, device=dev)[None, :]  # position that predicts pos + 1
+            valid = pos < (total - 1)[:, None]
+            targets = buf.gather(1, (pos + 1).clamp(max=width - 1))
+            lp = logmix.reshape(rows_n, qc, -1).gather(2, targets[:, :, None]).squeeze(2).double()
+            out += lp.masked_fill(~valid, 0.0).sum(1)
+        self.end()
+        return out.tolist()

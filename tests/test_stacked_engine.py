@@ -1,0 +1,171 @@
+"""The stacked engine inside the runtime: one grouped-GEMM forward per step for every row, the
+same tokens and scores as the hf engine, a step free of host synchronisation, clear errors.
+
+The model itself (logits vs Hugging Face per architecture, weight sharing) is tested in
+test_stacked_model.py; the runtime's exactness tests run on both engines in test_runtime.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import me_kernels
+import me_runtime.stacked as stacked_module
+from me_runtime import Ensemble
+from me_runtime.decode import Batch
+from me_runtime.stacked_engine import StackedEngine, run_sequences
+from tiny_models import tiny_member
+
+V = 11
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [3], [4, 4, 2], [0, 1]]
+
+
+@pytest.fixture(autouse=True)
+def reference_sampling_path(monkeypatch):
+    # Whole generations: the torch reference path of the sampling ops (the kernels are tested
+    # under the interpreter in their own files, and with the runtime in test_runtime.py).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def llama_members(count=3, **kw):
+    return [tiny_member("llama", V, seed=70 + i, sharpness=3.0, **kw) for i in range(count)]
+
+
+@pytest.mark.parametrize("method", ["me", "ce", "single"])
+def test_same_tokens_as_the_hf_engine(method):
+    models = llama_members()
+    stacked = Ensemble(models, weights=[0.5, 0.3, 0.2], engine="stacked")
+    hf = Ensemble(models, weights=[0.5, 0.3, 0.2], engine="hf")
+    assert stacked.engine == "stacked" and hf.engine == "hf"
+    for params in ({}, dict(temperature=0.8, top_k=4, top_p=0.9)):
+        a = stacked.generate_ids(PROMPTS, method=method, max_new_tokens=10, seed=[1, 2, 3, 4], member=1, **params)
+        b = hf.generate_ids(PROMPTS, method=method, max_new_tokens=10, seed=[1, 2, 3, 4], member=1, **params)
+        assert [(g.token_ids, g.members) for g in a] == [(g.token_ids, g.members) for g in b]
+    conts = [[5, 6], [7], [1, 2, 3, 4, 5], [9]]
+    assert stacked.score_ids(PROMPTS, conts) == pytest.approx(hf.score_ids(PROMPTS, conts), rel=1e-5, abs=1e-5)
+
+
+def test_auto_picks_stacked_for_supported_members_and_hf_otherwise():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert Ensemble(llama_members(2)).engine == "stacked"
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4, n_positions=64)).eval()
+    assert Ensemble([llama_members(1)[0], gpt2]).engine == "hf"
+    with pytest.raises(ValueError, match=r"member 1.*GPT2LMHeadModel"):
+        Ensemble([llama_members(1)[0], gpt2], engine="stacked")
+    with pytest.raises(ValueError, match="engine"):
+        Ensemble(llama_members(1), engine="vllm")
+
+
+def test_capacity_is_checked_before_any_work(monkeypatch):
+    ens = Ensemble(llama_members(2), max_seq_len=12)
+    calls = []
+    monkeypatch.setattr(StackedEngine, "begin", lambda self, batch: calls.append(batch))
+    with pytest.raises(ValueError, match=r"needs 13 positions.*max_seq_len is 12"):
+        ens.generate_ids([[1] * 8, [2]], max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        ens.score_ids([[1] * 10], [[2] * 3])
+    assert calls == []
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Ensemble(llama_members(1), max_seq_len=1)
+
+
+def test_one_grouped_gemm_per_projection_whatever_members_the_rows_chose(monkeypatch):
+    models = llama_members()
+    ens = Ensemble(models, engine="stacked")
+    layers = models[0].config.num_hidden_layers
+    calls = []
+    real = stacked_module.grouped_linear
+
+    def counting(x, members, weight, bias=None):
+        calls.append(int(torch.unique(members).numel()))
+        return real(x, members, weight, bias)
+
+    monkeypatch.setattr(stacked_module, "grouped_linear", counting)
+    engine = ens._engine
+    batch = Batch([[1, 2], [3, 4], [5, 6]], [0, 1, 2], max_new_tokens=4, device=torch.device("cpu"))
+    engine.begin(batch)
+    members = torch.tensor([0, 1, 2], dtype=torch.int32)
+    with torch.inference_mode():
+        logits = engine.member_logits(batch, 0, members, [0, 1, 2])
+    # 4 projections per layer (qkv, o, gate_up, down) + the lm_head, rows on 3 different members
+    assert len(calls) == 4 * layers + 1
+    assert max(calls) == 3
+    for row, model in enumerate(models):
+        ref = model(input_ids=torch.tensor([batch.prompt_ids[row].tolist()])).logits[0, -1]
+        torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=1e-4)
+    engine.end()
+
+
+def test_rows_catch_up_lazily_over_several_tokens():
+    # A member skipped for some steps reads all its pending tokens in one multi-token forward;
+    # the logits equal a fresh forward over the whole sequence.
+    models = llama_members(2)
+    engine = Ensemble(models, engine="stacked")._engine
+    batch = Batch([[1, 2, 3], [4]], [0, 1], max_new_tokens=6, device=torch.device("cpu"))
+    engine.begin(batch)
+    with torch.inference_mode():
+        for t in range(5):
+            members = [0, 0] if t < 4 else [1, 0]
+            engine.member_logits(batch, t, torch.tensor(members), members)
+            batch.generated[:, t] = torch.tensor([t + 2, t + 5]) % V
+        logits = engine.member_logits(batch, 5, torch.tensor([1, 1]), [1, 1])
+    for row, prompt in enumerate([[1, 2, 3], [4]]):
+        full = prompt + [((t + 2) if row == 0 else (t + 5)) % V for t in range(5)]
+        ref = models[1](input_ids=torch.tensor([full])).logits[0, -1]
+        torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=1e-4)
+    engine.end()
+
+
+def test_weights_are_held_once():
+    models = llama_members()
+    ens = Ensemble(models, engine="stacked")
+    stacked = [t for g in ens._engine.groups for t in g.weight_tensors()]
+
+    def inside(p):
+        start = p.untyped_storage().data_ptr()
+        return any(start == s.untyped_storage().data_ptr() for s in stacked)
+
+    assert all(inside(p) for m in models for p in m.parameters())
+
+
+def test_the_device_step_compiles_without_graph_breaks():
+    # The proof that a stacked step has no host synchronisation: its device part (gather the
+    # pending tokens, one forward for every row on its own member, the fused ME sampling step)
+    # compiles with fullgraph=True, and gives the eager result.
+    torch._dynamo.reset()
+    models = llama_members()
+    engine = Ensemble(models, engine="stacked")._engine
+    group, weights = engine.groups[0], torch.tensor([0.5, 0.3, 0.2])
+    batch = Batch([[1, 2, 3], [4, 5], [6]], [0, 1, 2], max_new_tokens=4, device=torch.device("cpu"))
+
+    def step(tokens, pad, rows, member, slot, start, end, seeds, offset):
+        logits = run_sequences(group, engine.caches[0], tokens, pad, rows, member, slot, start, end, q=3, kv_len=3,
+                               logits="last")
+        return me_kernels.me_step(logits, weights, seed=seeds, offset=offset)
+
+    rows = torch.arange(3)
+    args = (batch.tokens, batch.width - batch.prompt_lens_dev, rows, torch.tensor([2, 0, 1]), rows,
+            torch.zeros(3, dtype=torch.long), batch.prompt_lens_dev, batch.seeds, torch.zeros(3, dtype=torch.long))
+    with torch.inference_mode():
+        engine.begin(batch)
+        eager = step(*args)
+        engine.begin(batch)  # fresh caches: the step writes them
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)(*args)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+def test_sliding_window_members_match_the_hf_engine():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        config = MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                               sliding_window=4, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        models.append(MistralForCausalLM(config).eval())
+    prompts = [[1, 3, 5, 7, 9, 2, 4], [3], [4, 4, 0]]
+    a = Ensemble(models, engine="stacked").generate_ids(prompts, method="me", max_new_tokens=12, seed=[1, 2, 3])
+    b = Ensemble(models, engine="hf").generate_ids(prompts, method="me", max_new_tokens=12, seed=[1, 2, 3])
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
