@@ -21,6 +21,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+# Called with int32 member ids only: the wrapper then does no host-side value check (it would
+# sync for int64 ids on the CPU), so it traces under torch.compile(fullgraph=True) to the op
+# torch.ops.me.grouped_linear, whose fake implementation gives the output shape.
 from me_kernels import grouped_linear
 
 from .kv_cache import CachePlan, KVCache, attention_mask, plan_cache_access
@@ -218,17 +221,20 @@ class StackedGroup:
         for layer in range(layers):
             attns = [d.layers[layer].self_attn for d in decoders]
             mlps = [d.layers[layer].mlp for d in decoders]
-            w, b = stack_linears(
-                [[a.q_proj for a in attns], [a.k_proj for a in attns], [a.v_proj for a in attns]],
-                qkv_rows, q_rows + 2 * kv_rows, hidden,
-            )
-            self.qkv_weight.append(w), self.qkv_bias.append(b)
-            w, b = stack_linears([[a.o_proj for a in attns]], [slice(None)], hidden, q_rows)
-            self.o_weight.append(w), self.o_bias.append(b)
-            w, b = stack_linears([[m.gate_proj for m in mlps], [m.up_proj for m in mlps]], gate_up_rows, 2 * intermediate, hidden)
-            self.gate_up_weight.append(w), self.gate_up_bias.append(b)
-            w, b = stack_linears([[m.down_proj for m in mlps]], [slice(None)], hidden, intermediate)
-            self.down_weight.append(w), self.down_bias.append(b)
+            qkv_parts = [[a.q_proj for a in attns], [a.k_proj for a in attns], [a.v_proj for a in attns]]
+            weight, bias = stack_linears(qkv_parts, qkv_rows, q_rows + 2 * kv_rows, hidden)
+            self.qkv_weight.append(weight)
+            self.qkv_bias.append(bias)
+            weight, bias = stack_linears([[a.o_proj for a in attns]], [slice(None)], hidden, q_rows)
+            self.o_weight.append(weight)
+            self.o_bias.append(bias)
+            gate_up_parts = [[m.gate_proj for m in mlps], [m.up_proj for m in mlps]]
+            weight, bias = stack_linears(gate_up_parts, gate_up_rows, 2 * intermediate, hidden)
+            self.gate_up_weight.append(weight)
+            self.gate_up_bias.append(bias)
+            weight, bias = stack_linears([[m.down_proj for m in mlps]], [slice(None)], hidden, intermediate)
+            self.down_weight.append(weight)
+            self.down_bias.append(bias)
             for norms, name in ((self.input_norm, "input_layernorm"), (self.post_attention_norm, "post_attention_layernorm")):
                 _stack_parameters([getattr(d.layers[layer], name).weight for d in decoders], norms[:, layer])
             if qk_norm:

@@ -169,7 +169,7 @@ def test_fp32_matches_hf_logits_and_greedy_generate(case):
     assert diff <= FP32_TOL
 
 
-@pytest.mark.parametrize("case", ["llama-gqa", "qwen2-tied-sliding", "qwen3-qknorm", "mistral-sliding"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_bf16_as_close_to_hf_bf16_as_rounding_allows(case):
     """bf16 rounds every activation to 8 bits of mantissa, and HF's matmuls (bf16 GEMMs) and
     grouped_linear (fp32 accumulation, one rounding) round at different points, so the two bf16
@@ -195,3 +195,235 @@ def test_bf16_as_close_to_hf_bf16_as_rounding_allows(case):
           f"ours vs fp32 {(ours - exact).abs().max().item():.3g}")
     assert diff <= hf_error + ulp
     assert (ours - exact).abs().max().item() <= 2 * hf_error + ulp
+
+
+# ---------------------------------------------------------------------------------------------
+# Several members stacked: rows on different members in one forward
+# ---------------------------------------------------------------------------------------------
+
+# Three members of one shape per family, with different weights and per-member eps, RoPE base,
+# sliding window and tying (all of which a group may mix).
+MEMBER_FAMILIES = {
+    "llama-untied": [
+        ("llama-gqa", {}),
+        ("llama3-rope", {"rms_norm_eps": 1e-5}),
+        ("llama-gqa", {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
+    ],
+    "qwen2-mixed-tying": [
+        ("qwen2-tied-sliding", {}),
+        ("qwen2-tied-sliding", {"tie_word_embeddings": False, "sliding_window": 3, "rms_norm_eps": 1e-3}),
+        ("qwen2-tied-sliding", {"use_sliding_window": False}),
+    ],
+}
+
+
+def build_family(family: str, seed: int = 10) -> list[torch.nn.Module]:
+    return [build(case, seed + i, **overrides) for i, (case, overrides) in enumerate(MEMBER_FAMILIES[family])]
+
+
+def padded(rows: list[list[int]], q_len: int, pad: int = -1) -> torch.Tensor:
+    """[N, q_len] int64, each row's tokens then `pad` (padding values must not matter)."""
+    return torch.tensor([row + [pad] * (q_len - len(row)) for row in rows])
+
+
+@pytest.mark.parametrize("family", list(MEMBER_FAMILIES))
+def test_rows_on_different_members_match_each_members_hf_logits(family):
+    models = build_family(family)
+    group = StackedGroup.from_models(models)
+    assert group.tied == [False] * 3 if family == "llama-untied" else group.tied == [True, False, True]
+    cache = group.new_cache(slots=2, max_seq_len=48)
+    # (member, slot, prompt length); member 1 slot 1 holds an earlier sequence and sits out
+    # the prefill as a count-0 row.
+    rows = [(0, 0, 7), (2, 1, 11), (1, 0, 4), (0, 1, 9), (1, 1, 0)]
+    idle = cache.row(1, 1)
+    earlier = random_prompt(99, 6)
+    group.forward(cache, torch.tensor([earlier]), one_row([1]), one_row([1]), one_row([0]), one_row([6]), kv_len=6)
+    before = cache.key.clone(), cache.value.clone()
+
+    prompts = [random_prompt(20 + i, length) for i, (_, _, length) in enumerate(rows)]
+    member = one_row([r[0] for r in rows], torch.int32)
+    slot = one_row([r[1] for r in rows])
+    count = one_row([r[2] for r in rows])
+    start = torch.zeros(len(rows), dtype=torch.int64)
+    # kv_len is a bucket above the longest prompt, as the engine passes it.
+    logits = group.forward(cache, padded(prompts, 11), member, slot, start, count, kv_len=16)
+
+    untouched = [r for r in range(cache.key.shape[1]) if r not in {cache.row(m, s) for m, s, c in rows if c} | {cache.trash_row}]
+    assert idle in untouched
+    assert torch.equal(cache.key[:, untouched], before[0][:, untouched])
+    assert torch.equal(cache.value[:, untouched], before[1][:, untouched])
+
+    active = [i for i, r in enumerate(rows) if r[2] > 0]
+    sequences = {i: list(prompts[i]) for i in active}
+    history = {i: [logits[i]] for i in active}
+    start = count.clone()
+    count = torch.tensor([1 if r[2] else 0 for r in rows])
+    for _ in range(8):
+        step_tokens = [[int(history[i][-1].argmax())] if i in active else [0] for i in range(len(rows))]
+        for i in active:
+            sequences[i].append(step_tokens[i][0])
+        logits = group.forward(cache, torch.tensor(step_tokens), member, slot, start, count, kv_len=32)
+        for i in active:
+            history[i].append(logits[i])
+        start = start + count
+    assert torch.equal(cache.key[:, idle], before[0][:, idle])
+    for i in active:
+        reference = hf_logits(models[rows[i][0]], sequences[i], rows[i][2])
+        assert (torch.stack(history[i]) - reference).abs().max().item() <= FP32_TOL, f"row {i} (member {rows[i][0]})"
+
+
+def test_multi_token_catch_up_equals_token_by_token():
+    """A row with start > 0 fed Q = 3 tokens at once (logits="all") equals three single-token
+    steps, next to a row of another member that decodes one token padded to Q = 3."""
+    models = build_family("qwen2-mixed-tying", seed=30)
+    group = StackedGroup.from_models(models)
+    caught_up, stepwise = group.new_cache(2, 32), group.new_cache(2, 32)
+    prompt_a, prompt_b = random_prompt(40, 9), random_prompt(41, 5)
+    for cache in (caught_up, stepwise):  # prefill: row a on member 1 slot 0, row b on member 2 slot 1
+        group.forward(cache, padded([prompt_a, prompt_b], 9), one_row([1, 2]), one_row([0, 1]), one_row([0, 0]),
+                      one_row([9, 5]), kv_len=9, logits="none")
+    pending = random_prompt(42, 3)
+    both = group.forward(caught_up, padded([pending, pending[:1]], 3), one_row([1, 2]), one_row([0, 1]),
+                         one_row([9, 5]), one_row([3, 1]), kv_len=12, logits="all")
+    single = [
+        group.forward(stepwise, torch.tensor([[tok]]), one_row([1]), one_row([0]), one_row([9 + q]), one_row([1]), kv_len=12)[0]
+        for q, tok in enumerate(pending)
+    ]
+    assert (both[0] - torch.stack(single)).abs().max().item() <= 1e-5
+    row_b = group.forward(stepwise, torch.tensor([pending[:1]]), one_row([2]), one_row([1]), one_row([5]), one_row([1]), kv_len=12)
+    assert (both[1, 0] - row_b[0]).abs().max().item() <= 1e-5
+    for name in ("key", "value"):
+        assert torch.allclose(getattr(caught_up, name)[:, :-1], getattr(stepwise, name)[:, :-1], atol=1e-5, rtol=0)
+    reference = hf_logits(models[1], prompt_a + pending, len(prompt_a) + 1)  # HF, token by token
+    assert (both[0] - reference[:3]).abs().max().item() <= FP32_TOL
+
+
+def test_one_grouped_linear_call_per_projection(monkeypatch):
+    """4 grouped_linear calls per layer + 1 lm_head, however many members the rows use."""
+    models = build_family("llama-untied", seed=50)
+    group = StackedGroup.from_models(models)
+    cache = group.new_cache(3, 16)
+    calls = []
+    real = stacked.grouped_linear
+
+    def counting(x, members, weight, bias=None):
+        calls.append(weight.shape[0])
+        return real(x, members, weight, bias)
+
+    monkeypatch.setattr(stacked, "grouped_linear", counting)
+    layers = group.layout.layers
+    tokens = torch.randint(0, VOCAB, (3, 2))
+    for members, mode, expected in (([0, 1, 2], "last", 4 * layers + 1), ([1, 1, 1], "last", 4 * layers + 1),
+                                    ([2, 0, 2], "all", 4 * layers + 1), ([0, 1, 2], "none", 4 * layers)):
+        calls.clear()
+        group.forward(cache, tokens, one_row(members), one_row([0, 1, 2]), one_row([0, 0, 0]), one_row([2, 2, 1]),
+                      kv_len=2, logits=mode)
+        assert len(calls) == expected, (members, mode)
+        assert all(m == 3 for m in calls[:-1])  # every projection holds all three members
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights held once; the Hugging Face models keep working
+# ---------------------------------------------------------------------------------------------
+
+
+def storages(tensors) -> dict[int, int]:
+    """data_ptr -> nbytes of the distinct storages behind `tensors`."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+@torch.no_grad()
+def test_weights_are_held_once_and_hf_outputs_are_unchanged():
+    models = build_family("qwen2-mixed-tying", seed=60) + [build("qwen2-tied-sliding", 63, tie_word_embeddings=False)]
+    ids = torch.tensor([random_prompt(61, 12)])
+    before = [m(ids).logits for m in models]
+    original_bytes = sum(storages(p for m in models for p in m.parameters()).values())
+
+    group = StackedGroup.from_models(models)
+    stacked_storages = storages(group.weight_tensors())
+    assert len(stacked_storages) == len(group.weight_tensors())  # each stacked tensor its own allocation
+    member_storages = storages(p for m in models for p in m.parameters())
+    assert set(member_storages) <= set(stacked_storages)  # every HF parameter views a stacked tensor
+    assert set(member_storages) == set(stacked_storages)  # and every stacked tensor backs some parameter
+    assert sum(member_storages.values()) == original_bytes == group.weight_bytes
+    for m, model in enumerate(models):
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == group.tied[m]
+        assert model.lm_head.weight.data_ptr() == group.vocab_weight[int(group.lm_head_index[m])].data_ptr()
+    after = [m(ids).logits for m in models]
+    for b, a in zip(before, after):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unsupported_architectures_and_mismatched_shapes_are_refused():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=None, eos_token_id=None))
+    reason = unsupported_reason(gpt2)
+    assert "GPT2LMHeadModel" in reason and "LlamaForCausalLM" in reason
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        StackedGroup.from_models([build("llama-gqa", 0), gpt2])
+    dynamic = build("llama-gqa", 0, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    assert "dynamic" in unsupported_reason(dynamic)
+    assert "gelu" in unsupported_reason(build("llama-gqa", 0, hidden_act="gelu"))
+    assert unsupported_reason(build("qwen3-qknorm", 0)) is None
+
+    base = build("llama-gqa", 0)
+    assert shape_key(base) == shape_key(build("llama3-rope", 1))  # RoPE variants stack together
+    for other in (build("llama-gqa", 1, intermediate_size=64), build("llama-biases", 1), build("qwen3-qknorm", 1),
+                  build("llama-gqa", 1, dtype=torch.bfloat16)):
+        assert shape_key(other) != shape_key(base)
+        with pytest.raises(ValueError, match="cannot be stacked"):
+            StackedGroup.from_models([base, other])
+    with pytest.raises(ValueError, match="more than once"):
+        StackedGroup.from_models([base, base])
+    with pytest.raises(ValueError, match="at least one"):
+        StackedGroup.from_models([])
+
+    group = StackedGroup.from_models([base])
+    cache = group.new_cache(1, 8)
+    one = one_row([0])
+    with pytest.raises(ValueError, match="kv_len"):
+        group.forward(cache, torch.zeros(1, 1, dtype=torch.long), one, one, one, one_row([1]), kv_len=9)
+    with pytest.raises(ValueError, match="logits"):
+        group.forward(cache, torch.zeros(1, 1, dtype=torch.long), one, one, one, one_row([1]), kv_len=1, logits="first")
+    with pytest.raises(ValueError, match="new_cache"):
+        group.forward(StackedGroup.from_models([build("qwen3-qknorm", 2)]).new_cache(1, 8),
+                      torch.zeros(1, 1, dtype=torch.long), one, one, one, one_row([1]), kv_len=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True): the proof that a forward has no host synchronisation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_forward_compiles_fullgraph_and_matches_eager():
+    """fullgraph=True fails on any graph break (.item(), .tolist(), data-dependent branches,
+    nonzero...), so compiling the forward proves it never syncs with the device. Q = 1 (decode,
+    rows on different members) and Q = 3 (ragged catch-up with a count-0 row)."""
+    torch._dynamo.reset()
+    models = [build("qwen3-qknorm", 70), build("qwen3-qknorm", 71, tie_word_embeddings=True)]
+    group = StackedGroup.from_models(models)
+    compiled = torch.compile(group.forward, fullgraph=True, dynamic=False)
+    eager_cache, compiled_cache = group.new_cache(2, 16), group.new_cache(2, 16)
+    prompts = padded([random_prompt(72, 5), random_prompt(73, 3), random_prompt(74, 4)], 5)
+    args = (one_row([0, 1, 1], torch.int32), one_row([0, 1, 0]), one_row([0, 0, 0]), one_row([5, 3, 4]))
+    for cache in (eager_cache, compiled_cache):
+        group.forward(cache, prompts, *args, kv_len=5, logits="none")
+    steps = [
+        (torch.randint(0, VOCAB, (3, 1)), one_row([5, 3, 4]), one_row([1, 1, 1])),
+        (torch.randint(0, VOCAB, (3, 3)), one_row([6, 4, 5]), one_row([3, 0, 2])),
+    ]
+    began = time.perf_counter()
+    for tokens, start, count in steps:
+        member, slot = args[0], args[1]
+        expected = group.forward(eager_cache, tokens, member, slot, start, count, kv_len=12, logits="all")
+        got = compiled(compiled_cache, tokens, member, slot, start, count, kv_len=12, logits="all")
+        valid = torch.arange(tokens.shape[1])[None, :] < count[:, None]
+        assert (got - expected)[valid].abs().max().item() <= 1e-5
+        assert torch.allclose(compiled_cache.key[:, :-1], eager_cache.key[:, :-1], atol=1e-5, rtol=0)
+        assert torch.allclose(compiled_cache.value[:, :-1], eager_cache.value[:, :-1], atol=1e-5, rtol=0)
+    print(f"compile + run of 2 shapes: {time.perf_counter() - began:.1f}s")
