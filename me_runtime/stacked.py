@@ -1,0 +1,469 @@
+"""The stacked engine's model: one compact decoder for Llama-family members stacked by shape.
+
+Members whose `shape_key` agree (Llama, Mistral, Qwen2, Qwen3 with equal sizes, biases, norms,
+dtype and device) are copied into stacked tensors, one [M, out, in] tensor per projection, and
+ONE forward serves N sequences, each on its own member: every projection is one
+`me_kernels.grouped_linear` call over all N * Q tokens with per-token member ids; norms, RoPE
+and sliding windows are gathered per sequence. The math is Hugging Face's (transformers 5.x
+modeling_llama / mistral / qwen2 / qwen3 and masking_utils), in the members' dtype.
+
+    group = StackedGroup.from_models([model_a, model_b])      # HF models now view the stacks
+    cache = group.new_cache(slots=4, max_seq_len=256)
+    logits = group.forward(cache, tokens, member, slot, start, count, kv_len=64)
+
+The Hugging Face models keep working after stacking: each of their parameters is re-pointed to
+a view of its slice of the stacked tensor, so the weights are held once.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# Called with int32 member ids only: the wrapper then does no host-side value check (it would
+# sync for int64 ids on the CPU), so it traces under torch.compile(fullgraph=True) to the op
+# torch.ops.me.grouped_linear, whose fake implementation gives the output shape.
+from me_kernels import grouped_linear
+
+from .kv_cache import CachePlan, KVCache, attention_mask, plan_cache_access
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "StackedGroup", "shape_key", "unsupported_reason"]
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# RoPE variants whose inverse frequencies change with the sequence length (dynamic_rope_update).
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# "No sliding window": larger than any position, small enough that position - window cannot overflow.
+_FULL_ATTENTION_WINDOW = 2**62
+_LOGITS_MODES = ("last", "all", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which Hugging Face models can be stacked
+# ---------------------------------------------------------------------------------------------
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """None when `model` can run in the stacked engine, else a sentence saying why not."""
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        return f"architecture {name} is not supported by the stacked engine (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+    config = model.config
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"{name} uses hidden_act={config.hidden_act!r}; the stacked engine supports only 'silu'"
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    if any(kind in rope_type for kind in _LENGTH_DEPENDENT_ROPE):
+        return f"{name} uses rope_type={rope_type!r} (frequencies depend on the length), not supported by the stacked engine"
+    params = list(model.parameters())
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        return f"{name} has parameters of dtypes {sorted(map(str, dtypes))}; the stacked engine needs one floating dtype"
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        return f"{name} has parameters on devices {sorted(map(str, devices))}; the stacked engine needs one real device"
+    attn = model.model.layers[0].self_attn
+    if len({attn.q_proj.bias is None, attn.k_proj.bias is None, attn.v_proj.bias is None}) != 1:
+        return f"{name} has biases on only some of q/k/v; the stacked engine needs all or none"
+    for layer, window in enumerate(_sliding_windows(model)):
+        if window is not None and window < 1:
+            return f"{name} layer {layer} has sliding_window={window}; it must be >= 1"
+    return None
+
+
+def shape_key(model: torch.nn.Module) -> tuple:
+    """Members with equal keys can be stacked: sizes, which biases / norms exist, dtype, device.
+
+    (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, qkv_bias, o_bias, mlp_bias,
+    qk_norm, dtype, device). Tied or untied embeddings, RMSNorm eps, RoPE frequencies and sliding
+    windows may differ between stacked members.
+    """
+    attn = model.model.layers[0].self_attn
+    mlp = model.model.layers[0].mlp
+    embed = model.model.embed_tokens.weight
+    return (
+        embed.shape[1],
+        mlp.gate_proj.out_features,
+        len(model.model.layers),
+        attn.q_proj.out_features // attn.head_dim,
+        attn.k_proj.out_features // attn.head_dim,
+        attn.head_dim,
+        embed.shape[0],
+        attn.q_proj.bias is not None,
+        attn.o_proj.bias is not None,
+        mlp.gate_proj.bias is not None,
+        hasattr(attn, "q_norm"),
+        embed.dtype,
+        embed.device,
+    )
+
+
+def _sliding_windows(model: torch.nn.Module) -> list[int | None]:
+    """The sliding window of each layer as Hugging Face's masks apply it: Mistral masks every
+    layer with config.sliding_window; Qwen2 / Qwen3 only the layers whose layer_types entry is
+    "sliding_attention" (the attention module's sliding_window); Llama none."""
+    layers = model.model.layers
+    if type(model).__name__ == "MistralForCausalLM":
+        return [model.config.sliding_window] * len(layers)
+    return [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
+
+
+def _is_tied(model: torch.nn.Module) -> bool:
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    return head is embed or (head.data_ptr() == embed.data_ptr() and head.shape == embed.shape)
+
+
+@torch.no_grad()
+def _stack_parameters(params: list[torch.nn.Parameter], out: torch.Tensor, rows: slice = slice(None)) -> None:
+    """Copy params[m] into out[m, rows] and re-point params[m] to that slice (storage held once)."""
+    for m, param in enumerate(params):
+        destination = out[m, rows]
+        destination.copy_(param.data)
+        # `.data =` keeps the Parameter object, so ties (lm_head is embed_tokens) and any outside
+        # references stay valid, while the old storage is freed.
+        param.data = destination
+
+
+class _Layout(NamedTuple):
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+# ---------------------------------------------------------------------------------------------
+# The stacked group
+# ---------------------------------------------------------------------------------------------
+
+
+class StackedGroup:
+    """M members of one shape_key, stacked. Per layer l:
+
+        qkv_weight[l]      [M, (H + 2 * KVH) * hd, hidden]   (q rows, then k, then v)
+        qkv_bias[l]        [M, (H + 2 * KVH) * hd] or None
+        o_weight[l]        [M, hidden, H * hd];   o_bias[l] [M, hidden] or None
+        gate_up_weight[l]  [M, 2 * I, hidden]     (gate rows, then up); gate_up_bias[l] or None
+        down_weight[l]     [M, hidden, I];        down_bias[l] or None
+    and
+        input_norm, post_attention_norm [M, L, hidden]; final_norm [M, hidden]
+        q_norm, k_norm     [M, L, hd] or None (Qwen3)
+        vocab_weight       [M + U, V, hidden]: rows 0..M-1 are the embeddings (`embedding`), then
+                           the lm_heads of the U members that do not tie them to the embedding
+        lm_head_index      int32 [M]: row of vocab_weight that is member m's lm_head
+        eps [M] fp32, inv_freq [M, hd / 2] fp32, attention_scaling [M] fp32, window int64 [M, L]
+    all in the members' dtype (except the fp32 / int tables) on their device.
+    """
+
+    def __init__(self) -> None:  # use from_models
+        raise TypeError("build a StackedGroup with StackedGroup.from_models(models)")
+
+    @classmethod
+    @torch.no_grad()
+    def from_models(cls, models: list[torch.nn.Module]) -> StackedGroup:
+        """Stack Hugging Face causal LMs that share one shape_key (raises ValueError otherwise).
+
+        The models' parameters are re-pointed to views of the stacked tensors (they keep working,
+        and the weights are held once). Built projection by projection, so peak memory stays near
+        the weights plus one stacked projection. A model must not be in two groups at once.
+        """
+        models = list(models)
+        if not models:
+            raise ValueError("from_models needs at least one model")
+        if len({id(m) for m in models}) != len(models):
+            raise ValueError("from_models got the same model object more than once")
+        for i, model in enumerate(models):
+            reason = unsupported_reason(model)
+            if reason is not None:
+                raise ValueError(f"model {i}: {reason}")
+        key = shape_key(models[0])
+        for i, model in enumerate(models[1:], start=1):
+            if shape_key(model) != key:
+                raise ValueError(
+                    f"model {i} cannot be stacked with model 0: shape keys differ ({shape_key(model)} != {key}; "
+                    "fields: hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, qkv_bias, o_bias, "
+                    "mlp_bias, qk_norm, dtype, device)"
+                )
+        self = object.__new__(cls)
+        self._build(models, key)
+        return self
+
+    def _build(self, models: list[torch.nn.Module], key: tuple) -> None:
+        hidden, intermediate, layers, heads, kv_heads, head_dim, vocab = key[:7]
+        self.layout = _Layout(hidden, intermediate, layers, heads, kv_heads, head_dim, vocab)
+        self.num_members = num = len(models)
+        self.dtype, self.device = key[-2], key[-1]
+        self.scaling = head_dim**-0.5
+        empty = lambda *shape: torch.empty(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        decoders = [model.model for model in models]
+        q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
+        qkv_rows = (slice(0, q_rows), slice(q_rows, q_rows + kv_rows), slice(q_rows + kv_rows, q_rows + 2 * kv_rows))
+        gate_up_rows = (slice(0, intermediate), slice(intermediate, 2 * intermediate))
+
+        def stack_linears(linears_per_part: list[list[torch.nn.Linear]], rows_per_part, out_rows, in_features):
+            weight = empty(num, out_rows, in_features)
+            has_bias = linears_per_part[0][0].bias is not None
+            bias = empty(num, out_rows) if has_bias else None
+            for linears, rows in zip(linears_per_part, rows_per_part):
+                _stack_parameters([lin.weight for lin in linears], weight, rows)
+                if has_bias:
+                    _stack_parameters([lin.bias for lin in linears], bias, rows)
+            return weight, bias
+
+        self.qkv_weight, self.qkv_bias, self.o_weight, self.o_bias = [], [], [], []
+        self.gate_up_weight, self.gate_up_bias, self.down_weight, self.down_bias = [], [], [], []
+        self.input_norm = empty(num, layers, hidden)
+        self.post_attention_norm = empty(num, layers, hidden)
+        qk_norm = key[10]
+        self.q_norm = empty(num, layers, head_dim) if qk_norm else None
+        self.k_norm = empty(num, layers, head_dim) if qk_norm else None
+        for layer in range(layers):
+            attns = [d.layers[layer].self_attn for d in decoders]
+            mlps = [d.layers[layer].mlp for d in decoders]
+            qkv_parts = [[a.q_proj for a in attns], [a.k_proj for a in attns], [a.v_proj for a in attns]]
+            weight, bias = stack_linears(qkv_parts, qkv_rows, q_rows + 2 * kv_rows, hidden)
+            self.qkv_weight.append(weight)
+            self.qkv_bias.append(bias)
+            weight, bias = stack_linears([[a.o_proj for a in attns]], [slice(None)], hidden, q_rows)
+            self.o_weight.append(weight)
+            self.o_bias.append(bias)
+            gate_up_parts = [[m.gate_proj for m in mlps], [m.up_proj for m in mlps]]
+            weight, bias = stack_linears(gate_up_parts, gate_up_rows, 2 * intermediate, hidden)
+            self.gate_up_weight.append(weight)
+            self.gate_up_bias.append(bias)
+            weight, bias = stack_linears([[m.down_proj for m in mlps]], [slice(None)], hidden, intermediate)
+            self.down_weight.append(weight)
+            self.down_bias.append(bias)
+            for norms, name in ((self.input_norm, "input_layernorm"), (self.post_attention_norm, "post_attention_layernorm")):
+                _stack_parameters([getattr(d.layers[layer], name).weight for d in decoders], norms[:, layer])
+            if qk_norm:
+                _stack_parameters([a.q_norm.weight for a in attns], self.q_norm[:, layer])
+                _stack_parameters([a.k_norm.weight for a in attns], self.k_norm[:, layer])
+        self.final_norm = empty(num, hidden)
+        _stack_parameters([d.norm.weight for d in decoders], self.final_norm)
+
+        # Tying is per member: tied members read their lm_head from their embedding row.
+        untied = [m for m, model in enumerate(models) if not _is_tied(model)]
+        self.vocab_weight = empty(num + len(untied), vocab, hidden)
+        _stack_parameters([d.embed_tokens.weight for d in decoders], self.vocab_weight)
+        _stack_parameters([models[m].lm_head.weight for m in untied], self.vocab_weight[num:])
+        lm_head_index = list(range(num))
+        for extra, m in enumerate(untied):
+            lm_head_index[m] = num + extra
+        self.lm_head_index = torch.tensor(lm_head_index, dtype=torch.int32, device=self.device)
+        self.tied = [m not in untied for m in range(num)]
+
+        table = dict(device=self.device)
+        # RMSNorm adds eps as a Python float to an fp32 tensor, i.e. rounded to fp32 like here.
+        self.eps = torch.tensor([d.norm.variance_epsilon for d in decoders], dtype=torch.float32, **table)
+        self.inv_freq = torch.stack([d.rotary_emb.inv_freq.to(torch.float32) for d in decoders]).to(self.device)
+        self.attention_scaling = torch.tensor([float(d.rotary_emb.attention_scaling) for d in decoders], dtype=torch.float32, **table)
+        windows = [[_FULL_ATTENTION_WINDOW if w is None else int(w) for w in _sliding_windows(model)] for model in models]
+        self.window = torch.tensor(windows, dtype=torch.int64, **table)
+
+    # -----------------------------------------------------------------------------------------
+    # Memory
+    # -----------------------------------------------------------------------------------------
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """Every stacked weight tensor (each a separate allocation)."""
+        per_layer = (self.qkv_weight, self.qkv_bias, self.o_weight, self.o_bias, self.gate_up_weight,
+                     self.gate_up_bias, self.down_weight, self.down_bias)
+        tensors = [t for group in per_layer for t in group if t is not None]
+        tensors += [self.input_norm, self.post_attention_norm, self.final_norm, self.vocab_weight]
+        tensors += [t for t in (self.q_norm, self.k_norm) if t is not None]
+        return tensors
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all stacked weights (the members' weights, held once)."""
+        return sum(t.numel() * t.element_size() for t in self.weight_tensors())
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """[M, V, hidden] view of the members' input embeddings."""
+        return self.vocab_weight[: self.num_members]
+
+    def new_cache(self, slots: int, max_seq_len: int) -> KVCache:
+        """A zeroed KV cache with `slots` request rows per member, `max_seq_len` positions each."""
+        lay = self.layout
+        return KVCache(num_members=self.num_members, slots=slots, max_seq_len=max_seq_len, num_layers=lay.layers,
+                       kv_heads=lay.kv_heads, head_dim=lay.head_dim, dtype=self.dtype, device=self.device)
+
+    # -----------------------------------------------------------------------------------------
+    # Forward
+    # -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        member: torch.Tensor,
+        slot: torch.Tensor,
+        start: torch.Tensor,
+        count: torch.Tensor,
+        *,
+        kv_len: int,
+        logits: str = "last",
+    ) -> torch.Tensor | None:
+        """One forward over N sequences, each on its own member, writing their keys / values.
+
+        Args:
+            cache: from this group's new_cache().
+            tokens: int64 [N, Q]; entries at q >= count[n] are padding (any value).
+            member: int32 / int64 [N], local member index (0..M-1) of each sequence.
+            slot: int64 [N], cache slot; (member, slot) owns one cache row.
+            start: int64 [N], tokens already in that row = position of tokens[n, 0].
+            count: int64 [N], valid tokens of row n in [0, Q]; 0 writes nothing.
+            kv_len: host int, >= max(start + count) and <= cache.max_seq_len; attention reads
+                cache positions [0, kv_len) only.
+            logits: "last" -> float32 [N, V] at position count - 1 (unspecified for count 0);
+                "all" -> float32 [N, Q, V] (unspecified at q >= count); "none" -> None.
+        No host synchronisation: static shapes, no data-dependent Python control flow.
+        """
+        self._check_forward_args(cache, tokens, member, slot, start, count, kv_len, logits)
+        n, q_len = tokens.shape
+        member = member.to(torch.int64)
+        plan = plan_cache_access(cache, member, slot.to(torch.int64), start.to(torch.int64), count.to(torch.int64), q_len, kv_len)
+        valid = torch.arange(q_len, device=tokens.device)[None, :] < count[:, None]
+        token_member = member[:, None].expand(n, q_len).reshape(-1).to(torch.int32)
+        cos, sin = self._rope(member, plan.positions)
+        hidden = self._embed(torch.where(valid, tokens, 0), member)
+        for layer in range(self.layout.layers):
+            hidden = self._decoder_layer(layer, hidden, member, token_member, cos, sin, plan, cache)
+        return self._final_logits(hidden, member, token_member, count, logits)
+
+    __call__ = forward
+
+    def _check_forward_args(self, cache, tokens, member, slot, start, count, kv_len, logits) -> None:
+        # Shapes, dtypes and host ints only: checking values would need a device sync.
+        lay = self.layout
+        if (
+            not isinstance(cache, KVCache)
+            or cache.num_members != self.num_members
+            or tuple(cache.key.shape[::3]) != (lay.layers, lay.kv_heads)  # [L, rows, S, KVH, hd]
+            or cache.key.shape[4] != lay.head_dim
+            or cache.key.dtype != self.dtype
+        ):
+            raise ValueError("cache must come from this group's new_cache()")
+        if tokens.dim() != 2 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must be [N, Q] with Q >= 1, got shape {tuple(tokens.shape)}")
+        n = tokens.shape[0]
+        for name, t in (("member", member), ("slot", slot), ("start", start), ("count", count)):
+            if t.shape != (n,):
+                raise ValueError(f"{name} must have shape [N] = [{n}], got {tuple(t.shape)}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if not isinstance(kv_len, int) or isinstance(kv_len, bool) or not 1 <= kv_len <= cache.max_seq_len:
+            raise ValueError(f"kv_len must be a host int in [1, max_seq_len={cache.max_seq_len}], got {kv_len!r}")
+        if logits not in _LOGITS_MODES:
+            raise ValueError(f"logits must be one of {_LOGITS_MODES}, got {logits!r}")
+
+    def _embed(self, tokens: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+        """tokens int64 [N, Q] (padding replaced by 0), member int64 [N] -> [N, Q, hidden] dtype."""
+        return self.vocab_weight[member[:, None], tokens]
+
+    def _rope(self, member: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, Q, 1, hd] in the members' dtype, computed in fp32 as the HF rotary module
+        does (angle = position * inv_freq, duplicated halves, times attention_scaling)."""
+        freqs = positions.to(torch.float32)[:, :, None] * self.inv_freq[member][:, None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        scale = self.attention_scaling[member][:, None, None]
+        cos = (angles.cos() * scale).to(self.dtype)
+        sin = (angles.sin() * scale).to(self.dtype)
+        return cos[:, :, None, :], sin[:, :, None, :]
+
+    def _decoder_layer(self, layer, hidden, member, token_member, cos, sin, plan: CachePlan, cache: KVCache):
+        """Pre-norm attention block then pre-norm MLP block, residuals in the members' dtype."""
+        eps = self.eps[member][:, None, None]
+        normed = _rms_norm(hidden, self.input_norm[member, layer][:, None, :], eps)
+        hidden = hidden + self._attention(layer, normed, member, token_member, cos, sin, plan, cache)
+        normed = _rms_norm(hidden, self.post_attention_norm[member, layer][:, None, :], eps)
+        return hidden + self._mlp(layer, normed, token_member)
+
+    def _attention(self, layer, x, member, token_member, cos, sin, plan: CachePlan, cache: KVCache) -> torch.Tensor:
+        """x [N, Q, hidden] -> [N, Q, hidden]. Writes this layer's k / v of the valid tokens at
+        (member, slot, start + q), then each query attends to its own row's keys in [0, kv_len)."""
+        lay = self.layout
+        n, q_len, _ = x.shape
+        qkv = grouped_linear(x.reshape(n * q_len, lay.hidden), token_member, self.qkv_weight[layer], self.qkv_bias[layer])
+        q, k, v = qkv.view(n, q_len, lay.heads + 2 * lay.kv_heads, lay.head_dim).split(
+            [lay.heads, lay.kv_heads, lay.kv_heads], dim=2
+        )
+        if self.q_norm is not None:  # Qwen3: RMSNorm over head_dim before RoPE
+            eps = self.eps[member][:, None, None, None]
+            q = _rms_norm(q, self.q_norm[member, layer][:, None, None, :], eps)
+            k = _rms_norm(k, self.k_norm[member, layer][:, None, None, :], eps)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+
+        keys, values = cache.key[layer], cache.value[layer]  # [rows + 1, S, KVH, hd]
+        flat = (-1, lay.kv_heads, lay.head_dim)
+        keys.view(flat).index_copy_(0, plan.write_index, k.reshape(flat))
+        values.view(flat).index_copy_(0, plan.write_index, v.reshape(flat))
+        kv_len = plan.key_positions.shape[0]
+        # Slice before gathering, so only kv_len positions of the N rows are copied.
+        row_keys = keys[:, :kv_len].index_select(0, plan.read_rows).transpose(1, 2)  # [N, KVH, kv_len, hd]
+        row_values = values[:, :kv_len].index_select(0, plan.read_rows).transpose(1, 2)
+        groups = lay.heads // lay.kv_heads
+        mask = attention_mask(plan, self.window[member, layer])
+        # Like HF's sdpa path with a mask: keys / values repeated per query head, one SDPA call.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), _repeat_kv(row_keys, groups), _repeat_kv(row_values, groups),
+            attn_mask=mask, scale=self.scaling,
+        )
+        out = out.transpose(1, 2).reshape(n * q_len, lay.heads * lay.head_dim)
+        return grouped_linear(out, token_member, self.o_weight[layer], self.o_bias[layer]).view(n, q_len, lay.hidden)
+
+    def _mlp(self, layer: int, x: torch.Tensor, token_member: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: down(silu(gate(x)) * up(x)); x [N, Q, hidden] -> [N, Q, hidden]."""
+        n, q_len, hidden = x.shape
+        gate_up = grouped_linear(x.reshape(n * q_len, hidden), token_member, self.gate_up_weight[layer], self.gate_up_bias[layer])
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = grouped_linear(F.silu(gate) * up, token_member, self.down_weight[layer], self.down_bias[layer])
+        return out.view(n, q_len, hidden)
+
+    def _final_logits(self, hidden, member, token_member, count, mode: str) -> torch.Tensor | None:
+        """Final RMSNorm and lm_head: "last" float32 [N, V], "all" float32 [N, Q, V], "none" None."""
+        if mode == "none":
+            return None
+        n, q_len, dim = hidden.shape
+        eps = self.eps[member][:, None, None]
+        if mode == "last":
+            last = (count.to(torch.int64) - 1).clamp(min=0)
+            hidden = hidden[torch.arange(n, device=hidden.device), last][:, None, :]  # [N, 1, hidden]
+            heads = self.lm_head_index[member]
+        else:
+            heads = self.lm_head_index[token_member.to(torch.int64)]
+        normed = _rms_norm(hidden, self.final_norm[member][:, None, :], eps)
+        out = grouped_linear(normed.reshape(-1, dim), heads, self.vocab_weight, None).to(torch.float32)
+        return out.view(n, self.layout.vocab) if mode == "last" else out.view(n, q_len, self.layout.vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise pieces, in Hugging Face's order of operations
+# ---------------------------------------------------------------------------------------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)): statistics in fp32, cast back to x's dtype before the
+    scale (LlamaRMSNorm). weight and eps (fp32) broadcast against x [..., D]."""
+    xf = x.to(torch.float32)
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, Q, heads, hd] rotated by position: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, KVH, S, hd] -> [N, KVH * groups, S, hd], each kv head repeated for its query heads."""
+    if groups == 1:
+        return x
+    n, kv_heads, seq, head_dim = x.shape
+    return x[:, :, None].expand(n, kv_heads, groups, seq, head_dim).reshape(n, kv_heads * groups, seq, head_dim)
