@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+from ..ensemble import Ensemble
 from . import HELDOUT_FILE
 
 SETUPS = {"code member": [1.0, 0.0], "prose member": [0.0, 1.0], "mixture 0.5/0.5": [0.5, 0.5]}
@@ -36,8 +37,6 @@ def bits_per_byte(models, tokenizer, texts: list[str], weights) -> float:
     """-log2 p(texts) / bytes under the mixture `weights` of `models`; each text is scored whole
     as a document (after the BOS token, in windows if it outgrows the members' context), so
     weights [1, 0] give member 0 alone."""
-    from ..ensemble import Ensemble
-
     ens = Ensemble(models, tokenizer=tokenizer, weights=weights)
     logp = ens.score_rolling_ids(_encode(tokenizer, texts))
     return -sum(logp) / math.log(2) / sum(len(t.encode("utf-8")) for t in texts)
