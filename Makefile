@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test cuda-check bench-cpu ci gpu-suite clean
+.PHONY: setup demo demo-members test cuda-check bench-cpu ci gpu-suite clean
 
 # CPU torch only when no torch is installed (never pulls a CUDA build), then the package with
 # its compiled extension, built against that torch.
@@ -15,6 +15,12 @@ setup:
 # The main job on the embedded default: ME over the two demo members shipped in the package.
 demo: setup
 	$(PYTHON) -m me_runtime.cli --compare   # = the me-generate console script
+
+# Rebuild the demo members from their sources and re-evaluate them (repository scripts, not
+# installed; ~20 min on CPU; needs PyPI and Debian's package mirror). Not part of ci.
+demo-members:
+	nice $(PYTHON) -m scripts.demo.train --out me_runtime/demo/members --seed 0
+	$(PYTHON) -m scripts.demo.evaluate --samples 60 --write me_runtime/demo/EVAL.md
 
 # The test suite as CI runs it: Triton kernels on CPU tensors under the interpreter.
 test:

@@ -122,8 +122,12 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    # Only the two libraries: scripts/ (how the demo members were made), tests/ and bench/ stay
+    # in the repository.
     packages=find_packages(include=["me_kernels", "me_kernels.*", "me_runtime", "me_runtime.*"]),
     include_package_data=True,
+    # What running the shipped demo members needs: their folders, the held-out excerpts the CLI
+    # scores, and the notes on their sources and evaluation.
     package_data={"me_runtime": ["demo/members/*/*", "demo/heldout.json", "demo/*.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -147,14 +147,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- ce ({len(ce_gen.token_ids)} tokens, same prompt and seed)\n{prompt}{ce_gen.text}")
         print(f"--- speed: {args.method} {tps:.1f} tokens/s vs ce {ce_tps:.1f} tokens/s ({tps / ce_tps:.2f}x)")
     if not args.model and not args.no_score:
-        from .demo.scores import compare
+        from .demo.scores import compare, excerpt_sizes
 
-        print("--- why ensemble: bits per byte on held-out text (lower is better; Ensemble.score_ids)")
+        sizes = excerpt_sizes(ens.tokenizer)
         table = compare(ens.models, ens.tokenizer)
+        print(
+            "--- why ensemble: bits per byte (lower is better; exact mixture, Ensemble.score_rolling_ids)\n"
+            "    on the held-out excerpts shipped in me_runtime/demo/heldout.json, each excerpt scored as\n"
+            "    its own document; 'mixed 50/50' is the code and prose excerpts together. EVAL.md and the\n"
+            "    README report the full held-out split (much more text), hence other numbers."
+        )
         names = list(next(iter(table.values())))
-        print(f"{'text':<12}" + "".join(f"{n:>18}" for n in names))
+        print(f"{'text':<12}{'docs':>5}{'bytes':>8}{'tokens':>8}" + "".join(f"{n:>17}" for n in names))
         for kind, row in table.items():
-            print(f"{kind:<12}" + "".join(f"{row[n]:>18.3f}" for n in names))
+            size = sizes[kind]
+            print(
+                f"{kind:<12}{size['documents']:>5}{size['bytes']:>8,}{size['tokens']:>8,}"
+                + "".join(f"{row[n]:>17.3f}" for n in names)
+            )
     return 0
 
 

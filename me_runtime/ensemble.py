@@ -25,6 +25,7 @@ from .decode import SamplingParams, decode
 from .hf_engine import HFEngine
 from .stacked_engine import StackedEngine, check_supported
 from .stopping import StopChecker, eos_token_ids, normalize_stop
+from .windows import default_max_length, default_prefix_token_id, rolling_pairs
 
 METHODS = ("me", "ce", "single")
 SELECTIONS = ("independent", "shared")
@@ -428,6 +429,72 @@ class Ensemble:
             for i, value in zip(order, values):
                 scores[i] = value
         return scores
+
+    def score_rolling_ids(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        max_length: int | None = None,
+        prefix_token_id: int | None = None,
+        min_context: int = 1,
+    ) -> list[float]:
+        """Exact mixture log-likelihood (natural log) of each whole sequence, however long.
+
+        Every token is scored once, the first one after ``prefix_token_id``. Sequences longer
+        than a window are cut into windows of at most ``max_length`` tokens, each scored with
+        score_ids() (one batched call for all windows of all sequences) given as much of the
+        preceding text as fits; see me_runtime.windows for the exact windows.
+
+        Args:
+            token_ids: a list of non-empty token-id lists.
+            max_length: most tokens one forward sees (>= 2); default the smallest
+                max_position_embeddings among the members.
+            prefix_token_id: the token the first one is conditioned on; default the BOS token of
+                the tokenizer, else of the members' generation config / config.
+            min_context: least number of preceding tokens for the first scored token of every
+                window after the first, in [1, max_length - 1]; 1 (the default) gives disjoint
+                windows as lm-evaluation-harness' loglikelihood_rolling, max_length // 2 the
+                half-overlapping sliding window.
+        Returns:
+            one float per sequence: sum over its tokens of log sum_m w_m p_m(token | context).
+        """
+        sequences = self._check_ids(token_ids, "token_ids", allow_empty=False)
+        if max_length is None:
+            max_length = default_max_length(self.models)
+        if prefix_token_id is None:
+            prefix_token_id = default_prefix_token_id(self.models, self.tokenizer)
+        elif isinstance(prefix_token_id, bool) or not isinstance(prefix_token_id, int):
+            raise TypeError(f"prefix_token_id must be an int, got {type(prefix_token_id).__name__}")
+        if not 0 <= prefix_token_id < self.vocab_size:
+            raise ValueError(f"prefix_token_id must be in [0, {self.vocab_size}), got {prefix_token_id}")
+        owners, contexts, continuations = [], [], []
+        for i, seq in enumerate(sequences):
+            for context, continuation in rolling_pairs(seq, prefix_token_id, max_length, min_context=min_context):
+                owners.append(i)
+                contexts.append(context)
+                continuations.append(continuation)
+        totals = [0.0] * len(sequences)
+        for i, value in zip(owners, self.score_ids(contexts, continuations)):
+            totals[i] += value
+        return totals
+
+    def score_rolling(self, texts: Sequence[str], *, max_length: int | None = None, min_context: int = 1) -> list[float]:
+        """score_rolling_ids() for strings: each non-empty text is encoded without special tokens
+        and scored whole after the tokenizer's BOS token."""
+        if self.tokenizer is None:
+            raise ValueError("score_rolling() needs a tokenizer; use score_rolling_ids() for token ids")
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+        if not texts:
+            raise ValueError("texts must be a non-empty list of strings")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a string, got {type(text).__name__}")
+            if not text:
+                raise ValueError(f"texts[{i}] is empty")
+        # verbose=False: texts longer than the tokenizer's model_max_length are expected here.
+        ids = [self.tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
+        return self.score_rolling_ids(ids, max_length=max_length, min_context=min_context)
 
     # ---------------------------------------------------------------- helpers
     def _check_fits(self, lengths: list[int], what: str) -> None:

@@ -2,6 +2,10 @@
 member best on its own domain and the mixture best on mixed text; `me-generate` runs the demo."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,8 +54,28 @@ def test_cli_demo_runs_offline(capsys):
     assert "--- me (12 tokens" in out and "--- ce (12 tokens" in out
     assert "member trace" in out and "tokens/s" in out
     assert "mixed 50/50" in out
+    # the table says what it scored: the shipped excerpts, with their sizes, not EVAL.md's split
+    assert "me_runtime/demo/heldout.json" in out and "full held-out split" in out
+    header = next(line for line in out.splitlines() if line.startswith("text "))
+    assert header.split()[:4] == ["text", "docs", "bytes", "tokens"]
+    code_row = next(line for line in out.splitlines() if line.startswith("code "))
+    assert int(code_row.split()[1]) == len(heldout_texts()["code"])
 
 
 def test_cli_reports_bad_arguments(capsys):
     assert main(["--max-new-tokens", "4", "--top-p", "1.5", "--no-score"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_import_me_runtime_leaves_the_demo_and_scripts_alone():
+    # A fresh interpreter (this process has long imported everything), run from the repository
+    # root so that it imports this checkout's packages.
+    code = (
+        "import sys, me_runtime; "
+        "print(sorted(m for m in sys.modules if m.startswith(('me_runtime.demo', 'scripts')))); "
+        "me_runtime.demo_members(); print('me_runtime.demo' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]  # loaded on first use only

@@ -3,8 +3,9 @@ tokenizer and one architecture, and each better on its own domain's held-out tex
 0.5/0.5 mixture better than either member on mixed-domain text.
 
 The held-out texts are the small excerpts in me_runtime/demo/heldout.json (documents that the
-held-out split of me_runtime/demo/corpus.py kept out of training). Scores here use plain
-Hugging Face forwards (me_runtime.demo.evaluate), independent of the runtime's Ensemble.
+held-out split of scripts/demo/corpus.py kept out of training). Scores go through the runtime's
+exact scorer (Ensemble.score_rolling_ids, what scripts/demo/evaluate.py uses), which is checked
+here against plain Hugging Face forwards on these members.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import me_kernels
+from me_runtime import Ensemble
 from me_runtime.demo import HELDOUT_FILE, MEMBER_NAMES, demo_members
-from me_runtime.demo.evaluate import bits_per_byte, mixture_logprobs, text_logprobs, token_logprobs
 
 MAX_FOLDER_BYTES = 10 * 1024 * 1024
 REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
@@ -34,6 +36,13 @@ def tokenizer(paths):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(paths[0], local_files_only=True)
+
+
+@pytest.fixture(autouse=True)
+def reference_mixture_path(monkeypatch):
+    # Runtime-level scoring over a 4096-token vocabulary: me_kernels' torch reference path (the
+    # Triton interpreter would take minutes; the kernels are tested on their own).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -144,47 +153,76 @@ def test_models_load_offline_as_llama(paths, models, index):
     assert torch.isfinite(logits).all()
 
 
-def test_sliding_window_scoring_matches_direct_forwards(models, tokenizer, heldout):
+@torch.no_grad()
+def _direct_logprob(model, context: list[int], token: int) -> float:
+    """log p(token | context) by one plain forward over the context alone (float64 softmax)."""
+    logits = model(input_ids=torch.tensor([context])).logits[0, -1].double()
+    return float(torch.log_softmax(logits, dim=-1)[token])
+
+
+def test_windowed_scoring_matches_direct_forwards(models, tokenizer, heldout):
     model = models[0]
+    alone = Ensemble(models, tokenizer=tokenizer, weights=[1.0, 0.0])  # member 0 alone
     text = "\n".join(heldout["code"])
     ids = [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)[:150]
-    context = 64
-    windowed = token_logprobs(model, ids, context=context)
-    assert windowed.shape == (len(ids) - 1,)
-    # Window 0 is ids[0:64]; window j >= 1 starts at 32 * j and scores positions [32 j + 32, 32 j + 64).
-    for p in (1, 40, 63, 64, 95, 96, 130, len(ids) - 1):
-        start = 0 if p < context else (p - context // 2) // (context // 2) * (context // 2)
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids[start : p + 1]])).logits[0, -2].double()
-        expected = torch.log_softmax(logits, dim=-1)[ids[p]]
-        assert torch.allclose(windowed[p - 1], expected, atol=1e-4), p
+    context, min_context = 64, 32
+    windowed = alone.score_rolling_ids([ids[1:]], max_length=context, min_context=min_context)[0]
+    # Window 0 is ids[0:64]; later windows score 32 tokens each with the 32 before them, and
+    # the last, shorter chunk has the rest of its 64-token window as context.
+    expected = 0.0
+    for p in range(1, len(ids)):
+        if p < context:
+            start = 0
+        else:
+            chunk_end = min(context + (p - context) // 32 * 32 + 32, len(ids))
+            start = chunk_end - context
+        assert p - start >= (min_context if p >= context else 1)
+        expected += _direct_logprob(model, ids[start:p], ids[p])
+    assert windowed == pytest.approx(expected, rel=1e-5, abs=1e-4)
     # With a window as long as the text, one forward scores every token.
-    full = token_logprobs(model, ids, context=len(ids))
+    full = alone.score_rolling_ids([ids[1:]], max_length=len(ids))[0]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0].double()
     direct = torch.log_softmax(logits, dim=-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-    assert torch.allclose(full, direct, atol=1e-6)
+    assert full == pytest.approx(float(direct.sum()), rel=1e-5, abs=1e-4)
 
 
 def test_mixture_logprobs_is_the_exact_mixture():
-    lp = torch.log(torch.tensor([[0.5, 0.01, 1e-30], [0.25, 0.9, 0.3]], dtype=torch.float64))
-    mix = mixture_logprobs(lp, [0.5, 0.5])
-    expected = torch.log(0.5 * lp.exp()[0] + 0.5 * lp.exp()[1])
-    assert torch.allclose(mix, expected, rtol=0, atol=1e-12)
+    # The kernel entry the scorer uses, on distributions with extreme entries.
+    p = torch.tensor([[0.5, 0.01 - 1e-30, 0.49, 1e-30], [0.25, 0.05, 0.4, 0.3]], dtype=torch.float64)
+    logits = torch.log(p).float()[:, None, :]  # [M=2, B=1, V=4]
+    mix = me_kernels.mixture_logprobs(logits, torch.tensor([0.5, 0.5]))[0].double()
+    assert torch.allclose(mix, torch.log(0.5 * p[0] + 0.5 * p[1]), rtol=1e-5, atol=1e-6)
     # Unnormalised weights are normalised.
-    assert torch.allclose(mixture_logprobs(lp, [3.0, 1.0]), torch.log(0.75 * lp.exp()[0] + 0.25 * lp.exp()[1]))
+    mix = me_kernels.mixture_logprobs(logits, torch.tensor([3.0, 1.0]))[0].double()
+    assert torch.allclose(mix, torch.log(0.75 * p[0] + 0.25 * p[1]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.5], [3.0, 1.0]], ids=["uniform", "unnormalised"])
+def test_ensemble_score_is_the_exact_mixture_of_the_members(models, tokenizer, heldout, weights):
+    ids = tokenizer.encode(heldout["prose"][0], add_special_tokens=False)[:120]
+    full = [tokenizer.bos_token_id] + ids
+    with torch.no_grad():
+        probs = [torch.softmax(m(input_ids=torch.tensor([full])).logits[0, :-1].double(), -1) for m in models]
+    target = torch.tensor(ids)[:, None]
+    w0, w1 = (w / sum(weights) for w in weights)
+    per_token = w0 * probs[0].gather(1, target) + w1 * probs[1].gather(1, target)
+    expected = float(torch.log(per_token).sum())
+    got = Ensemble(models, tokenizer=tokenizer, weights=weights).score_rolling_ids([ids])[0]
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-4)
 
 
 def _bpb(models, tokenizer, texts):
-    """Bits per byte of each member and of the 0.5/0.5 mixture over texts scored one by one."""
-    totals = torch.zeros(len(models) + 1, dtype=torch.float64)
-    nbytes = 0
-    for text in texts:
-        lp = text_logprobs(models, tokenizer, text)
-        totals[:-1] += lp.sum(dim=1)
-        totals[-1] += mixture_logprobs(lp, [0.5, 0.5]).sum()
-        nbytes += len(text.encode("utf-8"))
-    bpb = [bits_per_byte(float(t), nbytes) for t in totals]
+    """Bits per byte of each member and of the 0.5/0.5 mixture over texts scored one by one,
+    through the runtime's scorer as scripts/demo/evaluate.py computes them (512-token windows,
+    at least 256 tokens of context after the first window)."""
+    ids = [tokenizer.encode(t, add_special_tokens=False, verbose=False) for t in texts]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    bpb = []
+    for weights in ([1.0, 0.0], [0.0, 1.0], [0.5, 0.5]):
+        ens = Ensemble(models, tokenizer=tokenizer, weights=weights)
+        total = sum(ens.score_rolling_ids(ids, min_context=256))
+        bpb.append(-total / (nbytes * math.log(2)))
     return bpb[:-1], bpb[-1]
 
 

@@ -8,8 +8,13 @@ They are ordinary Hugging Face folders (config.json, bf16 model.safetensors, tok
     code_path, prose_path = demo_members()
     model = AutoModelForCausalLM.from_pretrained(code_path)
 
-How they were made: corpus.py (sources, held-out split), train.py (training), evaluate.py
-(bits per byte on held-out text); SOURCES.md and EVAL.md record the sources and the numbers.
+This package holds only what loading and running them needs: the member folders, held-out
+excerpts (heldout.json) and the small bits-per-byte comparison the CLI demo prints (scores.py);
+SOURCES.md and EVAL.md record the training sources and the full held-out evaluation. The tools
+that made them live in the repository, outside the installed packages: scripts/demo/corpus.py
+(sources, held-out split), scripts/demo/train.py (training), scripts/demo/evaluate.py (bits per
+byte on the full held-out split), run from the repository root as `python -m scripts.demo.<name>`.
+`import me_runtime` does not import this module; `me_runtime.demo_members` loads it on first use.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from pathlib import Path
 MEMBERS_DIR = Path(__file__).resolve().parent / "members"
 MEMBER_NAMES = ("code", "prose")
 # Small excerpts of held-out text ({"code": [...], "prose": [...]}, each under 512 tokens) for
-# tests and demos that score text offline; written by corpus.py --write-heldout-sample.
+# tests and demos that score text offline; written by scripts/demo/corpus.py --write-heldout-sample.
 HELDOUT_FILE = Path(__file__).resolve().parent / "heldout.json"
 
 
@@ -31,7 +36,7 @@ def demo_members() -> list[str]:
     if missing:
         raise FileNotFoundError(
             f"demo member folders are missing or incomplete: {missing}; reinstall the package or "
-            f"rebuild them with `python -m me_runtime.demo.train --out {MEMBERS_DIR}`"
+            f"rebuild them from a checkout of the repository with `python -m scripts.demo.train --out {MEMBERS_DIR}`"
         )
     return [str(p) for p in paths]
 

@@ -3,9 +3,10 @@
 Nothing here is shipped as data: this module fetches the sources with the ordinary package
 clients (pip, apt-get), normalises them into documents, and splits each corpus into a training
 part and a held-out part deterministically. The exact sources, versions and licences are listed
-in SOURCES.md beside this file.
+in me_runtime/demo/SOURCES.md (shipped with the members). Run from the repository root:
 
-    python -m me_runtime.demo.corpus --cache ~/.cache/me-ensemble-demo   # fetch and summarise
+    python -m scripts.demo.corpus --cache ~/.cache/me-ensemble-demo   # fetch and summarise
+    python -m scripts.demo.corpus --write-heldout-sample             # + me_runtime/demo/heldout.json
 
 * Code (member 0): the Python standard library's own ``.py`` files (PSF licence), without its test
   suites, codec tables and generated files. One document per file.
@@ -36,6 +37,8 @@ import sysconfig
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import HELDOUT_FILE
 
 HELDOUT_FRACTION = 0.05
 PROSE_SECTION_BYTES = 8000
@@ -305,7 +308,7 @@ def mixed_text(code_docs: list[Document], prose_docs: list[Document], *,
     return "\n".join(parts)
 
 
-HELDOUT_SAMPLE_FILE = Path(__file__).resolve().parent / "heldout.json"
+HELDOUT_SAMPLE_FILE = HELDOUT_FILE  # me_runtime/demo/heldout.json of this checkout
 
 
 def heldout_sample(docs: list[Document], *, pieces: int = 4, piece_bytes: int = 1200) -> list[str]:

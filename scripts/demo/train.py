@@ -1,9 +1,9 @@
 """Train the two demo members (code, prose) on CPU and write them as Hugging Face folders.
 
-    nice python -m me_runtime.demo.train --out me_runtime/demo/members --seed 0
+    nice python -m scripts.demo.train --out me_runtime/demo/members --seed 0   # from the repository root
 
 Steps (all deterministic for a given seed, corpus, thread count and torch version):
-  1. gather the corpora and their held-out split (me_runtime.demo.corpus);
+  1. gather the corpora and their held-out split (scripts/demo/corpus.py);
   2. train one byte-level BPE tokenizer (``tokenizers``) on equal amounts of training code and
      prose; it is shared by both members (identical vocabularies are what the ensemble needs);
   3. train member 0 on code and member 1 on prose, at the same time in two processes with one
@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import MEMBER_NAMES, MEMBERS_DIR
 from . import corpus as corpus_lib
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-MEMBER_NAMES = ("code", "prose")
 
 
 def _log(msg: str) -> None:
@@ -253,7 +253,7 @@ def save_member(model, hf_tok, folder: Path, info: dict):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Train the two demo members (code, prose) on CPU.")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "members")
+    ap.add_argument("--out", type=Path, default=MEMBERS_DIR, help=f"where to write code/ and prose/ (default {MEMBERS_DIR})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=corpus_lib.DEFAULT_CACHE, help="corpus download folder")
     ap.add_argument("--members", default="code,prose", help="which members to train (comma list)")

@@ -1,15 +1,17 @@
 """Bits per byte of the demo members and of their 0.5/0.5 mixture on held-out text.
 
-    python -m me_runtime.demo.evaluate --members me_runtime/demo/members --write EVAL.md
+    python -m scripts.demo.evaluate --cache /tmp/demo_cache --write me_runtime/demo/EVAL.md   # from the repo root
 
 For a text t encoded as <s> x_1 .. x_n, a model's bits per byte is
     -sum_i log p(x_i | <s> x_<i) / (len(t.encode("utf-8")) * ln 2),
-and the mixture's is the same with p(x | prefix) = sum_m w_m p_m(x | prefix), computed exactly
-per token as logsumexp_m(log w_m + log p_m). Texts longer than the members' context are scored
-with sliding windows (window = context, stride = context / 2): every token is scored once, with
-at least half a window of left context after the first window.
+and the mixture's is the same with p(x | prefix) = sum_m w_m p_m(x | prefix). Every number comes
+from the runtime's exact scorer, Ensemble.score_rolling_ids, with weights [1, 0] (code member),
+[0, 1] (prose member) and [0.5, 0.5] (mixture): no second copy of the mixture formula here.
+Texts longer than the members' context (512 tokens) are scored in windows of 512 tokens; each
+window after the first scores the next tokens with at least ``--min-context`` (default 256) tokens
+of left context, so every token is scored once (see me_runtime/windows.py).
 
-Held-out slices come from me_runtime.demo.corpus (documents never trained on): each document is
+Held-out slices come from scripts/demo/corpus.py (documents never trained on): each document is
 scored on its own. The mixed-domain text interleaves held-out code and prose pieces of about
 2 KB (50/50 by bytes) and is scored as one text.
 """
@@ -25,67 +27,42 @@ from pathlib import Path
 
 import torch
 
+from me_runtime import Ensemble
+
+from . import MEMBER_NAMES, MEMBERS_DIR
 from . import corpus as corpus_lib
 
-MEMBER_NAMES = ("code", "prose")
+# Weights of the rows of the table: each member alone, then the mixture.
+SETUPS = {"code member": [1.0, 0.0], "prose member": [0.0, 1.0], "mixture 0.5/0.5": [0.5, 0.5]}
+DEFAULT_MIN_CONTEXT = 256  # half the members' 512-token context, as the shipped EVAL.md was measured
 
 
-def load_members(folder: Path, dtype=torch.float32):
-    """(tokenizer, [code model, prose model]) loaded offline from ``folder``/{code,prose}."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder / MEMBER_NAMES[0])
-    models = [AutoModelForCausalLM.from_pretrained(folder / n, dtype=dtype).eval() for n in MEMBER_NAMES]
-    return tok, models
+def load_ensemble(folder: Path, dtype=torch.float32):
+    """Ensemble of the code and prose members in ``folder`` (loaded offline, fp32 compute)."""
+    return Ensemble.from_pretrained([folder / name for name in MEMBER_NAMES], dtype=dtype)
 
 
-@torch.no_grad()
-def token_logprobs(model, ids: list[int], context: int | None = None) -> torch.Tensor:
-    """float64 [len(ids) - 1]: log p(ids[i] | ids[:i]) for i >= 1 (sliding windows past
-    ``context`` tokens, default the model's max_position_embeddings)."""
-    context = context or model.config.max_position_embeddings
-    keep = context // 2  # left context carried into each later window
-    x = torch.tensor(ids, dtype=torch.long)
-    out = torch.empty(len(ids) - 1, dtype=torch.float64)
-    start, scored = 0, 1  # window start; first position (index into ids) not yet scored
-    while scored < len(ids):
-        end = min(start + context, len(ids))
-        logp = torch.log_softmax(model(input_ids=x[None, start:end]).logits[0].double(), dim=-1)
-        pos = torch.arange(scored, end)  # position p is predicted by logits row p - 1 - start
-        out[pos - 1] = logp[pos - 1 - start, x[pos]]
-        scored, start = end, end - keep
-    return out
-
-
-def text_logprobs(models, tok, text: str, context: int | None = None) -> torch.Tensor:
-    """float64 [M, n]: per-token log-probabilities of ``text`` (after <s>) under each model."""
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (the scorer puts <s> in front)."""
     # The backend encoder: long texts are expected here (windows), so skip the length warning.
-    ids = [tok.bos_token_id] + tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
-    return torch.stack([token_logprobs(m, ids, context) for m in models])
-
-
-def mixture_logprobs(member_logprobs: torch.Tensor, weights) -> torch.Tensor:
-    """log sum_m w_m p_m per token from [M, n] member log-probabilities."""
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    return torch.logsumexp(member_logprobs + torch.log(w / w.sum())[:, None], dim=0)
+    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def bits_per_byte(total_logprob: float, nbytes: int) -> float:
     return -total_logprob / (nbytes * math.log(2))
 
 
-def evaluate_texts(models, tok, texts: list[str], weights=(0.5, 0.5)) -> dict:
-    """Bits per byte of each member and of the mixture over a list of texts (each scored alone)."""
-    sums = torch.zeros(len(models) + 1, dtype=torch.float64)
-    nbytes = ntokens = 0
-    for text in texts:
-        lp = text_logprobs(models, tok, text)
-        sums[:-1] += lp.sum(dim=1)
-        sums[-1] += mixture_logprobs(lp, weights).sum()
-        nbytes += len(text.encode("utf-8"))
-        ntokens += lp.shape[1]
-    bpb = [bits_per_byte(float(s), nbytes) for s in sums]
-    return {"members": bpb[:-1], "mixture": bpb[-1], "bytes": nbytes, "tokens": ntokens}
+def evaluate_texts(ensemble, texts: list[str], *, min_context: int = DEFAULT_MIN_CONTEXT) -> dict:
+    """{"bits_per_byte": {setup: value for SETUPS}, "bytes": n, "tokens": n} over ``texts``, each
+    scored on its own, through Ensemble.score_rolling_ids with each setup's weights."""
+    ids = [encode(ensemble.tokenizer, t) for t in texts]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    result = {"bits_per_byte": {}, "bytes": nbytes, "tokens": sum(len(x) for x in ids)}
+    for name, weights in SETUPS.items():
+        scorer = Ensemble(ensemble.models, tokenizer=ensemble.tokenizer, weights=weights)
+        total = sum(scorer.score_rolling_ids(ids, min_context=min_context))
+        result["bits_per_byte"][name] = bits_per_byte(total, nbytes)
+    return result
 
 
 def _cap(docs, max_bytes):
@@ -140,9 +117,11 @@ PROSE_PROMPTS = ["Alice was ", "And it came to pass"]
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Bits per byte of the demo members on held-out text.")
-    ap.add_argument("--members", type=Path, default=Path(__file__).resolve().parent / "members")
+    ap.add_argument("--members", type=Path, default=MEMBERS_DIR)
     ap.add_argument("--cache", type=Path, default=corpus_lib.DEFAULT_CACHE)
     ap.add_argument("--max-bytes", type=int, default=None, help="cap each held-out slice (bytes)")
+    ap.add_argument("--min-context", type=int, default=DEFAULT_MIN_CONTEXT,
+                    help="least left context (tokens) of every window after a text's first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     ap.add_argument("--samples", type=int, default=0, help="max new tokens of the samples (0: none)")
     ap.add_argument("--temperature", type=float, default=0.8)
@@ -151,33 +130,33 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
-    tok, models = load_members(args.members)
+    ensemble = load_ensemble(args.members)
     corpora = corpus_lib.load_corpora(args.cache)
     code_docs = _cap(corpora["code"]["heldout"], args.max_bytes)
     prose_docs = _cap(corpora["prose"]["heldout"], args.max_bytes)
     mixed = corpus_lib.mixed_text(code_docs, prose_docs)
     rows = {
-        "code (held-out)": evaluate_texts(models, tok, [d.text for d in code_docs]),
-        "prose (held-out)": evaluate_texts(models, tok, [d.text for d in prose_docs]),
-        "mixed 50/50": evaluate_texts(models, tok, [mixed]),
+        "code (held-out)": evaluate_texts(ensemble, [d.text for d in code_docs], min_context=args.min_context),
+        "prose (held-out)": evaluate_texts(ensemble, [d.text for d in prose_docs], min_context=args.min_context),
+        "mixed 50/50": evaluate_texts(ensemble, [mixed], min_context=args.min_context),
     }
     elapsed = time.perf_counter() - t0
 
     lines = [
-        "| text | bytes | tokens | code member | prose member | mixture 0.5/0.5 |",
+        "| text | bytes | tokens | " + " | ".join(SETUPS) + " |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['bytes']:,} | {r['tokens']:,} | {r['members'][0]:.3f} | "
-                     f"{r['members'][1]:.3f} | {r['mixture']:.3f} |")
-    code, prose, mix = rows["code (held-out)"], rows["prose (held-out)"], rows["mixed 50/50"]
+        lines.append(f"| {name} | {r['bytes']:,} | {r['tokens']:,} | "
+                     + " | ".join(f"{r['bits_per_byte'][s]:.3f}" for s in SETUPS) + " |")
+    code, prose, mix = (r["bits_per_byte"] for r in rows.values())
     margins = [
         f"- code held-out: code member better than prose member by "
-        f"{code['members'][1] - code['members'][0]:.3f} bits/byte",
+        f"{code['prose member'] - code['code member']:.3f} bits/byte",
         f"- prose held-out: prose member better than code member by "
-        f"{prose['members'][0] - prose['members'][1]:.3f} bits/byte",
+        f"{prose['code member'] - prose['prose member']:.3f} bits/byte",
         f"- mixed 50/50: mixture better than the best single member by "
-        f"{min(mix['members']) - mix['mixture']:.3f} bits/byte",
+        f"{min(mix['code member'], mix['prose member']) - mix['mixture 0.5/0.5']:.3f} bits/byte",
     ]
     report = "\n".join(lines + [""] + margins)
     print(report)
@@ -185,6 +164,7 @@ def main(argv=None):
 
     sample_md = []
     if args.samples:
+        tok, models = ensemble.tokenizer, ensemble.models
         for name, model, prompts in (("code", models[0], CODE_PROMPTS), ("prose", models[1], PROSE_PROMPTS)):
             for prompt, text in samples(model, tok, prompts, seed=0, max_new_tokens=args.samples,
                                         temperature=args.temperature):
@@ -192,7 +172,7 @@ def main(argv=None):
                 print(f"--- {name}\n{text}\n")
 
     if args.write:
-        command = "python -m me_runtime.demo.evaluate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        command = "python -m scripts.demo.evaluate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         body = [
             "# Demo members: held-out evaluation",
             "",
@@ -200,8 +180,10 @@ def main(argv=None):
             f"(torch {torch.__version__}, fp32 compute on the stored bf16 weights).",
             "",
             "Bits per byte (lower is better) of each member and of the exact 0.5/0.5 mixture "
-            "(log sum_m w_m p_m(token | prefix) per token). Held-out documents were never trained "
-            "on; the mixed text alternates ~2 KB pieces of held-out code and prose.",
+            "(log sum_m w_m p_m(token | prefix) per token, Ensemble.score_rolling_ids) on the full "
+            "held-out split. Held-out documents were never trained on; the mixed text alternates "
+            "~2 KB pieces of held-out code and prose. Texts over 512 tokens are scored in 512-token "
+            f"windows, each window after the first giving at least {args.min_context} tokens of context.",
             "",
             report,
             "",
