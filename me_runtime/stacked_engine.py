@@ -15,8 +15,16 @@ the host keeps a mirror of `consumed` (it knows which member each row ran from t
 transfer) only to pick the static shapes: Q (tokens per sequence, padded) and kv_len (cache
 positions attention reads). So the device work of a step has no data-dependent shape and no
 host synchronisation (`run_sequences` compiles with torch.compile(fullgraph=True)).
+
+On CUDA the forwards of generation steps replay CUDA graphs, one per bucket (rows rounded up to a
+power of two with no-op rows, Q and kv_len to powers of two): an eager forward of a small member
+is launch-bound (hundreds of kernel launches per step), a replay is one launch. The caches then
+stay allocated between generate calls (graphs hold their addresses); ME_CUDA_GRAPHS=0 turns the
+graphs off (eager forwards, caches freed after each call).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -43,21 +51,62 @@ def _bucket(n: int, device: torch.device) -> int:
     return 1 << (n - 1).bit_length()
 
 
+class GraphedForward:
+    """CUDA graphs of one group's forward over one cache, captured on first use per bucket
+    (rows, Q, kv_len, logits mode). Inputs are copied into the graph's static buffers; padded rows
+    have count 0, so they write only the cache's trash row and their logits are dropped."""
+
+    def __init__(self, group: StackedGroup, cache, pool) -> None:
+        self.group, self.cache, self.pool = group, cache, pool
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, tokens, member, slot, start, count, *, kv_len: int, logits: str):
+        n, q = tokens.shape
+        rows = _bucket(n, tokens.device)
+        key = (rows, q, kv_len, logits)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(rows, q, kv_len, logits, tokens.device)
+        graph, static, out = self.graphs[key]
+        for buf, value in zip(static, (tokens, member, slot, start, count)):
+            buf[:n].copy_(value)
+        static[4][n:].zero_()  # padded rows: count 0
+        graph.replay()
+        return None if out is None else out[:n].clone()
+
+    def _capture(self, rows: int, q: int, kv_len: int, logits: str, device: torch.device):
+        # Static inputs start as no-op rows (count 0): the warm-up and the capture write only the
+        # trash row of the cache.
+        static = (torch.zeros((rows, q), dtype=torch.long, device=device),) + tuple(
+            torch.zeros(rows, dtype=torch.long, device=device) for _ in range(4))
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy inits)
+            self.group.forward(self.cache, *static, kv_len=kv_len, logits=logits)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.group.forward(self.cache, *static, kv_len=kv_len, logits=logits)
+        return graph, static, out
+
+
 def run_sequences(group: StackedGroup, cache, tokens_buf: torch.Tensor, pad: torch.Tensor, rows: torch.Tensor,
                   member: torch.Tensor, slot: torch.Tensor, start: torch.Tensor, end: torch.Tensor, *, q: int,
-                  kv_len: int, logits: str) -> torch.Tensor | None:
+                  kv_len: int, logits: str, forward=None) -> torch.Tensor | None:
     """Feed each sequence's tokens at positions [start, end) (at most q of them) to the group.
 
     tokens_buf int64 [B, C]: the batch's token buffer, row b's position p at column pad[b] + p;
     rows, member (local index), slot, start, end: int64 [N] device tensors. Static shapes only
     (q, kv_len are host ints): this is the device part of a step, free of host synchronisation.
     Returns the group's logits ("last": float32 [N, V] at position end - 1; "all": [N, q, V]).
+    `forward` replaces group.forward over `cache` (a GraphedForward on CUDA).
     """
     count = (end - start).clamp(min=0, max=q)
     offsets = torch.arange(q, device=tokens_buf.device)
     cols = (pad[rows] + start)[:, None] + offsets[None, :]
     cols = cols.clamp(max=tokens_buf.shape[1] - 1)
     tokens = tokens_buf[rows].gather(1, cols)
+    if forward is not None:
+        return forward(tokens, member, slot, start, count, kv_len=kv_len, logits=logits)
     return group.forward(cache, tokens, member, slot, start, count, kv_len=kv_len, logits=logits)
 
 
@@ -89,19 +138,34 @@ class StackedEngine:
         self.member_local = torch.tensor(local, dtype=torch.long, device=sampling_device)
         self.member_group_dev = torch.tensor(self.member_group, dtype=torch.long, device=sampling_device)
         self.caches: list = []
+        self.forwards: list = []  # GraphedForward per group (CUDA graphs), else None
         self.cache_bytes = 0
+        self.cuda_graphs = sampling_device.type == "cuda" and os.environ.get("ME_CUDA_GRAPHS", "1") != "0"
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # ---------------------------------------------------------------- per-call state
     def begin(self, batch: Batch) -> None:
         """Preallocate every group's cache for this batch (slots = rows, capacity = the longest
         prompt + max_new_tokens)."""
         need = max(batch.prompt_lens) + batch.max_new_tokens
-        self._allocate(batch.size, need)
+        self._allocate(batch.size, need, graphs=True)
 
-    def _allocate(self, slots: int, capacity: int) -> None:
+    def _allocate(self, slots: int, capacity: int, *, graphs: bool = False) -> None:
         if capacity > self.max_seq_len:
             raise ValueError(f"a request needs {capacity} cache positions but max_seq_len is {self.max_seq_len}")
-        self.caches = [g.new_cache(slots=slots, max_seq_len=capacity) for g in self.groups]
+        graphs = graphs and self.cuda_graphs
+        if graphs:  # bucketed, and kept between calls while large enough (graphs hold the addresses)
+            slots = _bucket(slots, self.sampling_device)
+            capacity = min(max(_bucket(capacity, self.sampling_device), 256), self.max_seq_len)
+            fits = self.caches and self.forwards[0] is not None and all(
+                c.slots >= slots and c.max_seq_len >= capacity for c in self.caches)
+            if fits:
+                slots, capacity = self.caches[0].slots, self.caches[0].max_seq_len
+        if not (graphs and fits):
+            self.caches = []  # free the old caches before allocating the new ones
+            self.caches = [g.new_cache(slots=slots, max_seq_len=capacity) for g in self.groups]
+            self.forwards = [GraphedForward(g, c, self._graph_pool) if graphs else None
+                             for g, c in zip(self.groups, self.caches)]
         self.cache_bytes = sum(c.nbytes for c in self.caches)
         self.capacity = capacity
         self.slots = list(range(slots))  # slot of each active row (host)
@@ -114,7 +178,8 @@ class StackedEngine:
         self.slots_dev = self.slots_dev[rows_dev]
 
     def end(self) -> None:
-        self.caches = []
+        if not (self.forwards and self.forwards[0] is not None):
+            self.caches, self.forwards = [], []
 
     # ---------------------------------------------------------------- steps
     def member_logits(self, batch: Batch, t: int, members: torch.Tensor, members_host: list[int]) -> torch.Tensor:
@@ -175,7 +240,8 @@ class StackedEngine:
             chunk_start = torch.maximum(start, chunk_end - q)
             last = c == n_chunks - 1
             logits = run_sequences(self.groups[g], self.caches[g], batch.tokens, pad, rows, local, slot, chunk_start,
-                                   chunk_end, q=q, kv_len=kv_len, logits="last" if last else "none")
+                                   chunk_end, q=q, kv_len=kv_len, logits="last" if last else "none",
+                                   forward=self.forwards[g])
         self.consumed_dev[members, slot] = end
         for m, s, e in zip(members_host, slots_host, ends_host):
             self.consumed[m][s] = e
