@@ -75,8 +75,12 @@ def shape_key(model: torch.nn.Module) -> tuple:
 
     (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, qkv_bias, o_bias, mlp_bias,
     qk_norm, dtype, device). Tied or untied embeddings, RMSNorm eps, RoPE frequencies and sliding
-    windows may differ between stacked members.
+    windows may differ between stacked members (so may Llama and Mistral). Raises ValueError for
+    a model that unsupported_reason() refuses.
     """
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(reason)
     attn = model.model.layers[0].self_attn
     mlp = model.model.layers[0].mlp
     embed = model.model.embed_tokens.weight

@@ -204,10 +204,11 @@ def test_bf16_as_close_to_hf_bf16_as_rounding_allows(case):
 # Three members of one shape per family, with different weights and per-member eps, RoPE base,
 # sliding window and tying (all of which a group may mix).
 MEMBER_FAMILIES = {
-    "llama-untied": [
+    # Llama and Mistral share the math, so one group holds both (the window is per member).
+    "llama-mistral-untied": [
         ("llama-gqa", {}),
-        ("llama3-rope", {"rms_norm_eps": 1e-5}),
-        ("llama-gqa", {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
+        ("llama3-rope", {"rms_norm_eps": 0.05}),
+        ("mistral-sliding", {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
     ],
     "qwen2-mixed-tying": [
         ("qwen2-tied-sliding", {}),
@@ -230,7 +231,7 @@ def padded(rows: list[list[int]], q_len: int, pad: int = -1) -> torch.Tensor:
 def test_rows_on_different_members_match_each_members_hf_logits(family):
     models = build_family(family)
     group = StackedGroup.from_models(models)
-    assert group.tied == [False] * 3 if family == "llama-untied" else group.tied == [True, False, True]
+    assert group.tied == [False] * 3 if family == "llama-mistral-untied" else group.tied == [True, False, True]
     cache = group.new_cache(slots=2, max_seq_len=48)
     # (member, slot, prompt length); member 1 slot 1 holds an earlier sequence and sits out
     # the prefill as a count-0 row.
@@ -300,7 +301,7 @@ def test_multi_token_catch_up_equals_token_by_token():
 
 def test_one_grouped_linear_call_per_projection(monkeypatch):
     """4 grouped_linear calls per layer + 1 lm_head, however many members the rows use."""
-    models = build_family("llama-untied", seed=50)
+    models = build_family("llama-mistral-untied", seed=50)
     group = StackedGroup.from_models(models)
     cache = group.new_cache(3, 16)
     calls = []
@@ -365,6 +366,8 @@ def test_unsupported_architectures_and_mismatched_shapes_are_refused():
     assert "GPT2LMHeadModel" in reason and "LlamaForCausalLM" in reason
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         StackedGroup.from_models([build("llama-gqa", 0), gpt2])
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        shape_key(gpt2)
     dynamic = build("llama-gqa", 0, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     assert "dynamic" in unsupported_reason(dynamic)
     assert "gelu" in unsupported_reason(build("llama-gqa", 0, hidden_act="gelu"))
