@@ -60,6 +60,12 @@ LLAMA3_ROPE = {
 CASES = {
     "llama-gqa": (LlamaForCausalLM, LlamaConfig, {}),
     "llama3-rope": (LlamaForCausalLM, LlamaConfig, {"rope_parameters": LLAMA3_ROPE}),
+    # YaRN scales cos / sin by attention_scaling != 1 (taken from the HF rotary module).
+    "llama-yarn": (
+        LlamaForCausalLM,
+        LlamaConfig,
+        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}},
+    ),
     "llama-biases": (LlamaForCausalLM, LlamaConfig, {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 4}),
     # Tied embeddings, q/k/v biases, and a sliding window on layer 1 only (layer_types).
     "qwen2-tied-sliding": (
@@ -67,7 +73,11 @@ CASES = {
         Qwen2Config,
         {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1},
     ),
-    "qwen3-qknorm": (Qwen3ForCausalLM, Qwen3Config, {"head_dim": 24, "num_key_value_heads": 1}),
+    "qwen3-qknorm": (
+        Qwen3ForCausalLM,
+        Qwen3Config,
+        {"head_dim": 24, "num_key_value_heads": 1, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
     # A window shorter than the prompt (PROMPT_LEN = 11).
     "mistral-sliding": (MistralForCausalLM, MistralConfig, {"sliding_window": 5}),
 }
