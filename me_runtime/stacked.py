@@ -252,6 +252,9 @@ class StackedGroup:
         self.vocab_weight = empty(num + len(untied), vocab, hidden)
         _stack_parameters([d.embed_tokens.weight for d in decoders], self.vocab_weight)
         _stack_parameters([models[m].lm_head.weight for m in untied], self.vocab_weight[num:])
+        for m, model in enumerate(models):
+            if m not in untied and model.lm_head.weight is not model.model.embed_tokens.weight:
+                model.lm_head.weight.data = self.vocab_weight[m]  # tied through a second Parameter object
         lm_head_index = list(range(num))
         for extra, m in enumerate(untied):
             lm_head_index[m] = num + extra

@@ -346,6 +346,9 @@ def storages(tensors) -> dict[int, int]:
 @torch.no_grad()
 def test_weights_are_held_once_and_hf_outputs_are_unchanged():
     models = build_family("qwen2-mixed-tying", seed=60) + [build("qwen2-tied-sliding", 63, tie_word_embeddings=False)]
+    # Tied through a second Parameter object over the same storage (not `lm_head.weight is embed`).
+    models.append(build("qwen2-tied-sliding", 64))
+    models[-1].lm_head.weight = torch.nn.Parameter(models[-1].model.embed_tokens.weight.data)
     ids = torch.tensor([random_prompt(61, 12)])
     before = [m(ids).logits for m in models]
     original_bytes = sum(storages(p for m in models for p in m.parameters()).values())
@@ -357,8 +360,9 @@ def test_weights_are_held_once_and_hf_outputs_are_unchanged():
     assert set(member_storages) <= set(stacked_storages)  # every HF parameter views a stacked tensor
     assert set(member_storages) == set(stacked_storages)  # and every stacked tensor backs some parameter
     assert sum(member_storages.values()) == original_bytes == group.weight_bytes
+    assert group.tied == [True, False, True, False, True]
     for m, model in enumerate(models):
-        assert (model.lm_head.weight is model.model.embed_tokens.weight) == group.tied[m]
+        assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == group.tied[m]
         assert model.lm_head.weight.data_ptr() == group.vocab_weight[int(group.lm_head_index[m])].data_ptr()
     after = [m(ids).logits for m in models]
     for b, a in zip(before, after):
