@@ -93,7 +93,13 @@ class CachePlan(NamedTuple):
 
 
 def plan_cache_access(
-    cache: KVCache, member: torch.Tensor, slot: torch.Tensor, start: torch.Tensor, count: torch.Tensor, q_len: int, kv_len: int
+    cache: KVCache,
+    member: torch.Tensor,
+    slot: torch.Tensor,
+    start: torch.Tensor,
+    count: torch.Tensor,
+    q_len: int,
+    kv_len: int,
 ) -> CachePlan:
     """Cache indices of a forward over N sequences of Q token slots (all int64 device tensors [N])."""
     steps = torch.arange(q_len, device=start.device)

@@ -64,9 +64,12 @@ CASES = {
     "llama-yarn": (
         LlamaForCausalLM,
         LlamaConfig,
-        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}},
+        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                             "original_max_position_embeddings": 64}},
     ),
-    "llama-biases": (LlamaForCausalLM, LlamaConfig, {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 4}),
+    "llama-biases": (
+        LlamaForCausalLM, LlamaConfig, {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 4}
+    ),
     # Tied embeddings, q/k/v biases, and a sliding window on layer 1 only (layer_types).
     "qwen2-tied-sliding": (
         Qwen2ForCausalLM,
@@ -76,7 +79,8 @@ CASES = {
     "qwen3-qknorm": (
         Qwen3ForCausalLM,
         Qwen3Config,
-        {"head_dim": 24, "num_key_value_heads": 1, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+        {"head_dim": 24, "num_key_value_heads": 1,
+         "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
     ),
     # A window shorter than the prompt (PROMPT_LEN = 11).
     "mistral-sliding": (MistralForCausalLM, MistralConfig, {"sliding_window": 5}),
@@ -259,7 +263,8 @@ def test_rows_on_different_members_match_each_members_hf_logits(family):
     # kv_len is a bucket above the longest prompt, as the engine passes it.
     logits = group.forward(cache, padded(prompts, 11), member, slot, start, count, kv_len=16)
 
-    untouched = [r for r in range(cache.key.shape[1]) if r not in {cache.row(m, s) for m, s, c in rows if c} | {cache.trash_row}]
+    written = {cache.row(m, s) for m, s, c in rows if c} | {cache.trash_row}
+    untouched = [r for r in range(cache.key.shape[1]) if r not in written]
     assert idle in untouched
     assert torch.equal(cache.key[:, untouched], before[0][:, untouched])
     assert torch.equal(cache.value[:, untouched], before[1][:, untouched])
@@ -297,11 +302,13 @@ def test_multi_token_catch_up_equals_token_by_token():
     both = group.forward(caught_up, padded([pending, pending[:1]], 3), one_row([1, 2]), one_row([0, 1]),
                          one_row([9, 5]), one_row([3, 1]), kv_len=12, logits="all")
     single = [
-        group.forward(stepwise, torch.tensor([[tok]]), one_row([1]), one_row([0]), one_row([9 + q]), one_row([1]), kv_len=12)[0]
+        group.forward(stepwise, torch.tensor([[tok]]), one_row([1]), one_row([0]), one_row([9 + q]), one_row([1]),
+                      kv_len=12)[0]
         for q, tok in enumerate(pending)
     ]
     assert (both[0] - torch.stack(single)).abs().max().item() <= 1e-5
-    row_b = group.forward(stepwise, torch.tensor([pending[:1]]), one_row([2]), one_row([1]), one_row([5]), one_row([1]), kv_len=12)
+    row_b = group.forward(stepwise, torch.tensor([pending[:1]]), one_row([2]), one_row([1]), one_row([5]), one_row([1]),
+                          kv_len=12)
     assert (both[1, 0] - row_b[0]).abs().max().item() <= 1e-5
     for name in ("key", "value"):
         assert torch.allclose(getattr(caught_up, name)[:, :-1], getattr(stepwise, name)[:, :-1], atol=1e-5, rtol=0)
@@ -375,7 +382,9 @@ def test_weights_are_held_once_and_hf_outputs_are_unchanged():
 
 
 def test_unsupported_architectures_and_mismatched_shapes_are_refused():
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=None, eos_token_id=None))
+    gpt2_config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=None,
+                             eos_token_id=None)
+    gpt2 = GPT2LMHeadModel(gpt2_config)
     reason = unsupported_reason(gpt2)
     assert "GPT2LMHeadModel" in reason and "LlamaForCausalLM" in reason
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
