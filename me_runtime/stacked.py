@@ -26,7 +26,7 @@ import torch.nn.functional as F
 # torch.ops.me.grouped_linear, whose fake implementation gives the output shape.
 from me_kernels import grouped_linear
 
-from .kv_cache import CachePlan, KVCache, attention_mask, plan_cache_access
+from .kv_cache import CachePlan, KVCache, attention_mask, plan_cache_access, write_layer
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "StackedGroup", "shape_key", "unsupported_reason"]
 
@@ -412,10 +412,10 @@ class StackedGroup:
             k = _rms_norm(k, self.k_norm[member, layer][:, None, None, :], eps)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
 
+        flat = (n * q_len, lay.kv_heads, lay.head_dim)
+        write_layer(cache.key, layer, plan, k.reshape(flat))
+        write_layer(cache.value, layer, plan, v.reshape(flat))
         keys, values = cache.key[layer], cache.value[layer]  # [rows + 1, S, KVH, hd]
-        flat = (-1, lay.kv_heads, lay.head_dim)
-        keys.view(flat).index_copy_(0, plan.write_index, k.reshape(flat))
-        values.view(flat).index_copy_(0, plan.write_index, v.reshape(flat))
         kv_len = plan.key_positions.shape[0]
         # Slice before gathering, so only kv_len positions of the N rows are copied.
         row_keys = keys[:, :kv_len].index_select(0, plan.read_rows).transpose(1, 2)  # [N, KVH, kv_len, hd]
