@@ -376,6 +376,37 @@ def test_weights_are_held_once_and_hf_outputs_are_unchanged():
         assert torch.equal(a, b)
 
 
+def test_stacking_peak_memory_is_the_weights_plus_one_stacked_projection(monkeypatch):
+    """Accounting of live storages while from_models runs: the members' parameter storages plus
+    every stacked tensor allocated so far, before and after each tensor is filled. Storages no
+    parameter references any more are freed (nothing else holds them here). The excess over the
+    original weights must stay within one stacked tensor plus the per-layer norm tables (tiny,
+    allocated once up front)."""
+    models = build_family("qwen2-mixed-tying", seed=80)
+    params = lambda: (p for m in models for p in m.parameters())  # noqa: E731
+    original = sum(storages(params()).values())
+    allocated: dict[int, int] = {}
+    peak = 0
+    real = stacked._stack_parameters
+
+    def accounting(members_params, out, rows=slice(None)):
+        nonlocal peak
+        allocated.update(storages([out]))
+        peak = max(peak, sum({**storages(params()), **allocated}.values()))
+        real(members_params, out, rows)
+        peak = max(peak, sum({**storages(params()), **allocated}.values()))
+
+    monkeypatch.setattr(stacked, "_stack_parameters", accounting)
+    group = StackedGroup.from_models(models)
+    tensors = group.weight_tensors()
+    norm_tables = sum(t.untyped_storage().nbytes() for t in (group.input_norm, group.post_attention_norm))
+    largest = max(t.untyped_storage().nbytes() for t in tensors)
+    assert largest == group.vocab_weight.untyped_storage().nbytes()
+    assert sum(storages(params()).values()) == original  # the end state holds the weights once
+    print(f"peak excess {peak - original} B; largest stacked tensor {largest} B; norm tables {norm_tables} B")
+    assert original < peak <= original + largest + norm_tables
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
