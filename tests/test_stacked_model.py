@@ -211,6 +211,42 @@ def test_bf16_as_close_to_hf_bf16_as_rounding_allows(case):
     assert (ours - exact).abs().max().item() <= 2 * hf_error + ulp
 
 
+def test_demo_members_stacked_match_hf():
+    """The two trained demo members (Llama, tied embeddings) in one group, one row each in every
+    forward, against each member's own HF logits and greedy generate, on a real text prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from me_runtime.demo import demo_members
+
+    paths = demo_members()
+    models = [AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch.float32).eval() for p in paths]
+    prompt = AutoTokenizer.from_pretrained(paths[0], local_files_only=True)("def add(a, b):\n    return")["input_ids"]
+    steps = 20
+    expected = [
+        m.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+                   max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)[0].tolist()
+        for m in models
+    ]
+    group = StackedGroup.from_models(models)
+    assert group.tied == [True, True]
+    cache = group.new_cache(1, len(prompt) + steps + 1)
+    sequences, history = [list(prompt), list(prompt)], [[], []]
+    pending, start = [list(prompt), list(prompt)], 0
+    for _ in range(steps + 1):
+        n_pending = len(pending[0])
+        logits = group.forward(cache, torch.tensor(pending), one_row([0, 1]), one_row([0, 0]), one_row([start, start]),
+                               one_row([n_pending, n_pending]), kv_len=start + n_pending)
+        start += n_pending
+        pending = [[int(logits[i].argmax())] for i in range(2)]
+        for i in range(2):
+            history[i].append(logits[i])
+            sequences[i].append(pending[i][0])
+    for i, model in enumerate(models):
+        assert sequences[i][:-1] == expected[i]
+        reference = hf_logits(model, sequences[i][:-1], len(prompt))
+        assert (torch.stack(history[i]) - reference).abs().max().item() <= FP32_TOL
+
+
 # ---------------------------------------------------------------------------------------------
 # Several members stacked: rows on different members in one forward
 # ---------------------------------------------------------------------------------------------
