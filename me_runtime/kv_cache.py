@@ -6,8 +6,7 @@ over a padded [N, Q] batch has static shapes and never touches a real row it mus
 
 Layout per tensor: [layers, rows + 1, max_seq_len, kv_heads, head_dim], row = member * slots +
 slot, the trash row last. A token's key / value is one contiguous [kv_heads, head_dim] block,
-so writing the tokens of a forward is one index_copy_ into the [rows * max_seq_len, kv_heads,
-head_dim] view, without a host synchronisation.
+so writing the tokens of a forward is one index_put_ per layer, without a host synchronisation.
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["KVCache", "CachePlan", "plan_cache_access", "attention_mask"]
+__all__ = ["KVCache", "CachePlan", "plan_cache_access", "write_layer", "attention_mask"]
 
 
 class KVCache:
@@ -76,8 +75,8 @@ class CachePlan(NamedTuple):
     """Where one forward's tokens go in the cache and what they may attend to.
 
     positions: int64 [N, Q], start + q (RoPE positions).
-    write_index: int64 [N * Q], flat index into the [rows * max_seq_len] view of a layer's cache;
-        padded tokens (q >= count) point at position 0 of the trash row.
+    write_row, write_position: int64 [N * Q], where each token's key / value goes; padded tokens
+        (q >= count) go to position 0 of the trash row.
     read_rows: int64 [N], the cache row of each sequence.
     query_positions: int64 [N, 1, Q, 1], positions clamped to kv_len - 1 for the mask: valid
         tokens are unchanged (start + count <= kv_len), padded ones then still see one key, so
@@ -86,25 +85,43 @@ class CachePlan(NamedTuple):
     """
 
     positions: torch.Tensor
-    write_index: torch.Tensor
+    write_row: torch.Tensor
+    write_position: torch.Tensor
     read_rows: torch.Tensor
     query_positions: torch.Tensor
     key_positions: torch.Tensor
 
 
 def plan_cache_access(
-    cache: KVCache, member: torch.Tensor, slot: torch.Tensor, start: torch.Tensor, count: torch.Tensor, q_len: int, kv_len: int
+    cache: KVCache,
+    member: torch.Tensor,
+    slot: torch.Tensor,
+    start: torch.Tensor,
+    count: torch.Tensor,
+    q_len: int,
+    kv_len: int,
 ) -> CachePlan:
     """Cache indices of a forward over N sequences of Q token slots (all int64 device tensors [N])."""
     steps = torch.arange(q_len, device=start.device)
     positions = start[:, None] + steps  # [N, Q]
     valid = steps[None, :] < count[:, None]
     read_rows = member * cache.slots + slot
-    seq = cache.max_seq_len
-    write_index = torch.where(valid, read_rows[:, None] * seq + positions, cache.trash_row * seq)
+    write_row = torch.where(valid, read_rows[:, None], cache.trash_row).reshape(-1)
+    write_position = torch.where(valid, positions, 0).reshape(-1)
     query_positions = positions.clamp(max=kv_len - 1)[:, None, :, None]
     key_positions = torch.arange(kv_len, device=start.device)
-    return CachePlan(positions, write_index.reshape(-1), read_rows, query_positions, key_positions)
+    return CachePlan(positions, write_row, write_position, read_rows, query_positions, key_positions)
+
+
+def write_layer(cache_tensor: torch.Tensor, layer: int, plan: CachePlan, states: torch.Tensor) -> None:
+    """Store states [N * Q, kv_heads, head_dim] of `layer` at (write_row, write_position).
+
+    One index_put_ on the whole cache tensor, not on a view of it: under torch.compile a
+    mutation through a view (cache[layer].view(...).index_copy_) is functionalised into a copy
+    of the whole layer, while an index_put_ on the graph input itself stays in place.
+    """
+    layer_index = torch.full_like(plan.write_row, layer)
+    cache_tensor.index_put_((layer_index, plan.write_row, plan.write_position), states)
 
 
 def attention_mask(plan: CachePlan, window: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 # torch.ops.me.grouped_linear, whose fake implementation gives the output shape.
 from me_kernels import grouped_linear
 
-from .kv_cache import CachePlan, KVCache, attention_mask, plan_cache_access
+from .kv_cache import CachePlan, KVCache, attention_mask, plan_cache_access, write_layer
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "StackedGroup", "shape_key", "unsupported_reason"]
 
@@ -47,18 +47,21 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     """None when `model` can run in the stacked engine, else a sentence saying why not."""
     name = type(model).__name__
     if name not in SUPPORTED_ARCHITECTURES:
-        return f"architecture {name} is not supported by the stacked engine (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        return f"architecture {name} is not supported by the stacked engine (supported: {supported})"
     config = model.config
     if getattr(config, "hidden_act", None) != "silu":
         return f"{name} uses hidden_act={config.hidden_act!r}; the stacked engine supports only 'silu'"
     rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
     if any(kind in rope_type for kind in _LENGTH_DEPENDENT_ROPE):
-        return f"{name} uses rope_type={rope_type!r} (frequencies depend on the length), not supported by the stacked engine"
+        return (f"{name} uses rope_type={rope_type!r} (frequencies depend on the length), "
+                "not supported by the stacked engine")
     params = list(model.parameters())
     dtypes = {p.dtype for p in params}
     devices = {p.device for p in params}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        return f"{name} has parameters of dtypes {sorted(map(str, dtypes))}; the stacked engine needs one floating dtype"
+        return (f"{name} has parameters of dtypes {sorted(map(str, dtypes))}; "
+                "the stacked engine needs one floating dtype")
     if len(devices) != 1 or next(iter(devices)).type == "meta":
         return f"{name} has parameters on devices {sorted(map(str, devices))}; the stacked engine needs one real device"
     attn = model.model.layers[0].self_attn
@@ -75,8 +78,12 @@ def shape_key(model: torch.nn.Module) -> tuple:
 
     (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, qkv_bias, o_bias, mlp_bias,
     qk_norm, dtype, device). Tied or untied embeddings, RMSNorm eps, RoPE frequencies and sliding
-    windows may differ between stacked members.
+    windows may differ between stacked members (so may Llama and Mistral). Raises ValueError for
+    a model that unsupported_reason() refuses.
     """
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(reason)
     attn = model.model.layers[0].self_attn
     mlp = model.model.layers[0].mlp
     embed = model.model.embed_tokens.weight
@@ -235,8 +242,9 @@ class StackedGroup:
             weight, bias = stack_linears([[m.down_proj for m in mlps]], [slice(None)], hidden, intermediate)
             self.down_weight.append(weight)
             self.down_bias.append(bias)
-            for norms, name in ((self.input_norm, "input_layernorm"), (self.post_attention_norm, "post_attention_layernorm")):
-                _stack_parameters([getattr(d.layers[layer], name).weight for d in decoders], norms[:, layer])
+            _stack_parameters([d.layers[layer].input_layernorm.weight for d in decoders], self.input_norm[:, layer])
+            post_norms = [d.layers[layer].post_attention_layernorm.weight for d in decoders]
+            _stack_parameters(post_norms, self.post_attention_norm[:, layer])
             if qk_norm:
                 _stack_parameters([a.q_norm.weight for a in attns], self.q_norm[:, layer])
                 _stack_parameters([a.k_norm.weight for a in attns], self.k_norm[:, layer])
@@ -248,6 +256,9 @@ class StackedGroup:
         self.vocab_weight = empty(num + len(untied), vocab, hidden)
         _stack_parameters([d.embed_tokens.weight for d in decoders], self.vocab_weight)
         _stack_parameters([models[m].lm_head.weight for m in untied], self.vocab_weight[num:])
+        for m, model in enumerate(models):
+            if m not in untied and model.lm_head.weight is not model.model.embed_tokens.weight:
+                model.lm_head.weight.data = self.vocab_weight[m]  # tied through a second Parameter object
         lm_head_index = list(range(num))
         for extra, m in enumerate(untied):
             lm_head_index[m] = num + extra
@@ -258,8 +269,9 @@ class StackedGroup:
         # RMSNorm adds eps as a Python float to an fp32 tensor, i.e. rounded to fp32 like here.
         self.eps = torch.tensor([d.norm.variance_epsilon for d in decoders], dtype=torch.float32, **table)
         self.inv_freq = torch.stack([d.rotary_emb.inv_freq.to(torch.float32) for d in decoders]).to(self.device)
-        self.attention_scaling = torch.tensor([float(d.rotary_emb.attention_scaling) for d in decoders], dtype=torch.float32, **table)
-        windows = [[_FULL_ATTENTION_WINDOW if w is None else int(w) for w in _sliding_windows(model)] for model in models]
+        scaling = [float(d.rotary_emb.attention_scaling) for d in decoders]
+        self.attention_scaling = torch.tensor(scaling, dtype=torch.float32, **table)
+        windows = [[_FULL_ATTENTION_WINDOW if w is None else int(w) for w in _sliding_windows(m)] for m in models]
         self.window = torch.tensor(windows, dtype=torch.int64, **table)
 
     # -----------------------------------------------------------------------------------------
@@ -326,7 +338,8 @@ class StackedGroup:
         self._check_forward_args(cache, tokens, member, slot, start, count, kv_len, logits)
         n, q_len = tokens.shape
         member = member.to(torch.int64)
-        plan = plan_cache_access(cache, member, slot.to(torch.int64), start.to(torch.int64), count.to(torch.int64), q_len, kv_len)
+        int64 = torch.int64
+        plan = plan_cache_access(cache, member, slot.to(int64), start.to(int64), count.to(int64), q_len, kv_len)
         valid = torch.arange(q_len, device=tokens.device)[None, :] < count[:, None]
         token_member = member[:, None].expand(n, q_len).reshape(-1).to(torch.int32)
         cos, sin = self._rope(member, plan.positions)
@@ -388,7 +401,8 @@ class StackedGroup:
         (member, slot, start + q), then each query attends to its own row's keys in [0, kv_len)."""
         lay = self.layout
         n, q_len, _ = x.shape
-        qkv = grouped_linear(x.reshape(n * q_len, lay.hidden), token_member, self.qkv_weight[layer], self.qkv_bias[layer])
+        x_rows = x.reshape(n * q_len, lay.hidden)  # one row per token
+        qkv = grouped_linear(x_rows, token_member, self.qkv_weight[layer], self.qkv_bias[layer])
         q, k, v = qkv.view(n, q_len, lay.heads + 2 * lay.kv_heads, lay.head_dim).split(
             [lay.heads, lay.kv_heads, lay.kv_heads], dim=2
         )
@@ -398,10 +412,10 @@ class StackedGroup:
             k = _rms_norm(k, self.k_norm[member, layer][:, None, None, :], eps)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
 
+        flat = (n * q_len, lay.kv_heads, lay.head_dim)
+        write_layer(cache.key, layer, plan, k.reshape(flat))
+        write_layer(cache.value, layer, plan, v.reshape(flat))
         keys, values = cache.key[layer], cache.value[layer]  # [rows + 1, S, KVH, hd]
-        flat = (-1, lay.kv_heads, lay.head_dim)
-        keys.view(flat).index_copy_(0, plan.write_index, k.reshape(flat))
-        values.view(flat).index_copy_(0, plan.write_index, v.reshape(flat))
         kv_len = plan.key_positions.shape[0]
         # Slice before gathering, so only kv_len positions of the N rows are copied.
         row_keys = keys[:, :kv_len].index_select(0, plan.read_rows).transpose(1, 2)  # [N, KVH, kv_len, hd]
@@ -419,7 +433,8 @@ class StackedGroup:
     def _mlp(self, layer: int, x: torch.Tensor, token_member: torch.Tensor) -> torch.Tensor:
         """SwiGLU: down(silu(gate(x)) * up(x)); x [N, Q, hidden] -> [N, Q, hidden]."""
         n, q_len, hidden = x.shape
-        gate_up = grouped_linear(x.reshape(n * q_len, hidden), token_member, self.gate_up_weight[layer], self.gate_up_bias[layer])
+        x_rows = x.reshape(n * q_len, hidden)
+        gate_up = grouped_linear(x_rows, token_member, self.gate_up_weight[layer], self.gate_up_bias[layer])
         gate, up = gate_up.chunk(2, dim=-1)
         out = grouped_linear(F.silu(gate) * up, token_member, self.down_weight[layer], self.down_bias[layer])
         return out.view(n, q_len, hidden)

@@ -60,14 +60,28 @@ LLAMA3_ROPE = {
 CASES = {
     "llama-gqa": (LlamaForCausalLM, LlamaConfig, {}),
     "llama3-rope": (LlamaForCausalLM, LlamaConfig, {"rope_parameters": LLAMA3_ROPE}),
-    "llama-biases": (LlamaForCausalLM, LlamaConfig, {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 4}),
+    # YaRN scales cos / sin by attention_scaling != 1 (taken from the HF rotary module).
+    "llama-yarn": (
+        LlamaForCausalLM,
+        LlamaConfig,
+        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                             "original_max_position_embeddings": 64}},
+    ),
+    "llama-biases": (
+        LlamaForCausalLM, LlamaConfig, {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 4}
+    ),
     # Tied embeddings, q/k/v biases, and a sliding window on layer 1 only (layer_types).
     "qwen2-tied-sliding": (
         Qwen2ForCausalLM,
         Qwen2Config,
         {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1},
     ),
-    "qwen3-qknorm": (Qwen3ForCausalLM, Qwen3Config, {"head_dim": 24, "num_key_value_heads": 1}),
+    "qwen3-qknorm": (
+        Qwen3ForCausalLM,
+        Qwen3Config,
+        {"head_dim": 24, "num_key_value_heads": 1,
+         "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
     # A window shorter than the prompt (PROMPT_LEN = 11).
     "mistral-sliding": (MistralForCausalLM, MistralConfig, {"sliding_window": 5}),
 }
@@ -197,6 +211,42 @@ def test_bf16_as_close_to_hf_bf16_as_rounding_allows(case):
     assert (ours - exact).abs().max().item() <= 2 * hf_error + ulp
 
 
+def test_demo_members_stacked_match_hf():
+    """The two trained demo members (Llama, tied embeddings) in one group, one row each in every
+    forward, against each member's own HF logits and greedy generate, on a real text prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from me_runtime.demo import demo_members
+
+    paths = demo_members()
+    models = [AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch.float32).eval() for p in paths]
+    prompt = AutoTokenizer.from_pretrained(paths[0], local_files_only=True)("def add(a, b):\n    return")["input_ids"]
+    steps = 20
+    expected = [
+        m.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+                   max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)[0].tolist()
+        for m in models
+    ]
+    group = StackedGroup.from_models(models)
+    assert group.tied == [True, True]
+    cache = group.new_cache(1, len(prompt) + steps + 1)
+    sequences, history = [list(prompt), list(prompt)], [[], []]
+    pending, start = [list(prompt), list(prompt)], 0
+    for _ in range(steps + 1):
+        n_pending = len(pending[0])
+        logits = group.forward(cache, torch.tensor(pending), one_row([0, 1]), one_row([0, 0]), one_row([start, start]),
+                               one_row([n_pending, n_pending]), kv_len=start + n_pending)
+        start += n_pending
+        pending = [[int(logits[i].argmax())] for i in range(2)]
+        for i in range(2):
+            history[i].append(logits[i])
+            sequences[i].append(pending[i][0])
+    for i, model in enumerate(models):
+        assert sequences[i][:-1] == expected[i]
+        reference = hf_logits(model, sequences[i][:-1], len(prompt))
+        assert (torch.stack(history[i]) - reference).abs().max().item() <= FP32_TOL
+
+
 # ---------------------------------------------------------------------------------------------
 # Several members stacked: rows on different members in one forward
 # ---------------------------------------------------------------------------------------------
@@ -204,10 +254,11 @@ def test_bf16_as_close_to_hf_bf16_as_rounding_allows(case):
 # Three members of one shape per family, with different weights and per-member eps, RoPE base,
 # sliding window and tying (all of which a group may mix).
 MEMBER_FAMILIES = {
-    "llama-untied": [
+    # Llama and Mistral share the math, so one group holds both (the window is per member).
+    "llama-mistral-untied": [
         ("llama-gqa", {}),
-        ("llama3-rope", {"rms_norm_eps": 1e-5}),
-        ("llama-gqa", {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
+        ("llama3-rope", {"rms_norm_eps": 0.05}),
+        ("mistral-sliding", {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
     ],
     "qwen2-mixed-tying": [
         ("qwen2-tied-sliding", {}),
@@ -230,7 +281,7 @@ def padded(rows: list[list[int]], q_len: int, pad: int = -1) -> torch.Tensor:
 def test_rows_on_different_members_match_each_members_hf_logits(family):
     models = build_family(family)
     group = StackedGroup.from_models(models)
-    assert group.tied == [False] * 3 if family == "llama-untied" else group.tied == [True, False, True]
+    assert group.tied == [False] * 3 if family == "llama-mistral-untied" else group.tied == [True, False, True]
     cache = group.new_cache(slots=2, max_seq_len=48)
     # (member, slot, prompt length); member 1 slot 1 holds an earlier sequence and sits out
     # the prefill as a count-0 row.
@@ -248,7 +299,8 @@ def test_rows_on_different_members_match_each_members_hf_logits(family):
     # kv_len is a bucket above the longest prompt, as the engine passes it.
     logits = group.forward(cache, padded(prompts, 11), member, slot, start, count, kv_len=16)
 
-    untouched = [r for r in range(cache.key.shape[1]) if r not in {cache.row(m, s) for m, s, c in rows if c} | {cache.trash_row}]
+    written = {cache.row(m, s) for m, s, c in rows if c} | {cache.trash_row}
+    untouched = [r for r in range(cache.key.shape[1]) if r not in written]
     assert idle in untouched
     assert torch.equal(cache.key[:, untouched], before[0][:, untouched])
     assert torch.equal(cache.value[:, untouched], before[1][:, untouched])
@@ -286,11 +338,13 @@ def test_multi_token_catch_up_equals_token_by_token():
     both = group.forward(caught_up, padded([pending, pending[:1]], 3), one_row([1, 2]), one_row([0, 1]),
                          one_row([9, 5]), one_row([3, 1]), kv_len=12, logits="all")
     single = [
-        group.forward(stepwise, torch.tensor([[tok]]), one_row([1]), one_row([0]), one_row([9 + q]), one_row([1]), kv_len=12)[0]
+        group.forward(stepwise, torch.tensor([[tok]]), one_row([1]), one_row([0]), one_row([9 + q]), one_row([1]),
+                      kv_len=12)[0]
         for q, tok in enumerate(pending)
     ]
     assert (both[0] - torch.stack(single)).abs().max().item() <= 1e-5
-    row_b = group.forward(stepwise, torch.tensor([pending[:1]]), one_row([2]), one_row([1]), one_row([5]), one_row([1]), kv_len=12)
+    row_b = group.forward(stepwise, torch.tensor([pending[:1]]), one_row([2]), one_row([1]), one_row([5]), one_row([1]),
+                          kv_len=12)
     assert (both[1, 0] - row_b[0]).abs().max().item() <= 1e-5
     for name in ("key", "value"):
         assert torch.allclose(getattr(caught_up, name)[:, :-1], getattr(stepwise, name)[:, :-1], atol=1e-5, rtol=0)
@@ -300,7 +354,7 @@ def test_multi_token_catch_up_equals_token_by_token():
 
 def test_one_grouped_linear_call_per_projection(monkeypatch):
     """4 grouped_linear calls per layer + 1 lm_head, however many members the rows use."""
-    models = build_family("llama-untied", seed=50)
+    models = build_family("llama-mistral-untied", seed=50)
     group = StackedGroup.from_models(models)
     cache = group.new_cache(3, 16)
     calls = []
@@ -335,6 +389,9 @@ def storages(tensors) -> dict[int, int]:
 @torch.no_grad()
 def test_weights_are_held_once_and_hf_outputs_are_unchanged():
     models = build_family("qwen2-mixed-tying", seed=60) + [build("qwen2-tied-sliding", 63, tie_word_embeddings=False)]
+    # Tied through a second Parameter object over the same storage (not `lm_head.weight is embed`).
+    models.append(build("qwen2-tied-sliding", 64))
+    models[-1].lm_head.weight = torch.nn.Parameter(models[-1].model.embed_tokens.weight.data)
     ids = torch.tensor([random_prompt(61, 12)])
     before = [m(ids).logits for m in models]
     original_bytes = sum(storages(p for m in models for p in m.parameters()).values())
@@ -346,12 +403,44 @@ def test_weights_are_held_once_and_hf_outputs_are_unchanged():
     assert set(member_storages) <= set(stacked_storages)  # every HF parameter views a stacked tensor
     assert set(member_storages) == set(stacked_storages)  # and every stacked tensor backs some parameter
     assert sum(member_storages.values()) == original_bytes == group.weight_bytes
+    assert group.tied == [True, False, True, False, True]
     for m, model in enumerate(models):
-        assert (model.lm_head.weight is model.model.embed_tokens.weight) == group.tied[m]
+        assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == group.tied[m]
         assert model.lm_head.weight.data_ptr() == group.vocab_weight[int(group.lm_head_index[m])].data_ptr()
     after = [m(ids).logits for m in models]
     for b, a in zip(before, after):
         assert torch.equal(a, b)
+
+
+def test_stacking_peak_memory_is_the_weights_plus_one_stacked_projection(monkeypatch):
+    """Accounting of live storages while from_models runs: the members' parameter storages plus
+    every stacked tensor allocated so far, before and after each tensor is filled. Storages no
+    parameter references any more are freed (nothing else holds them here). The excess over the
+    original weights must stay within one stacked tensor plus the per-layer norm tables (tiny,
+    allocated once up front)."""
+    models = build_family("qwen2-mixed-tying", seed=80)
+    params = lambda: (p for m in models for p in m.parameters())  # noqa: E731
+    original = sum(storages(params()).values())
+    allocated: dict[int, int] = {}
+    peak = 0
+    real = stacked._stack_parameters
+
+    def accounting(members_params, out, rows=slice(None)):
+        nonlocal peak
+        allocated.update(storages([out]))
+        peak = max(peak, sum({**storages(params()), **allocated}.values()))
+        real(members_params, out, rows)
+        peak = max(peak, sum({**storages(params()), **allocated}.values()))
+
+    monkeypatch.setattr(stacked, "_stack_parameters", accounting)
+    group = StackedGroup.from_models(models)
+    tensors = group.weight_tensors()
+    norm_tables = sum(t.untyped_storage().nbytes() for t in (group.input_norm, group.post_attention_norm))
+    largest = max(t.untyped_storage().nbytes() for t in tensors)
+    assert largest == group.vocab_weight.untyped_storage().nbytes()
+    assert sum(storages(params()).values()) == original  # the end state holds the weights once
+    print(f"peak excess {peak - original} B; largest stacked tensor {largest} B; norm tables {norm_tables} B")
+    assert original < peak <= original + largest + norm_tables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,11 +449,15 @@ def test_weights_are_held_once_and_hf_outputs_are_unchanged():
 
 
 def test_unsupported_architectures_and_mismatched_shapes_are_refused():
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=None, eos_token_id=None))
+    gpt2_config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=None,
+                             eos_token_id=None)
+    gpt2 = GPT2LMHeadModel(gpt2_config)
     reason = unsupported_reason(gpt2)
     assert "GPT2LMHeadModel" in reason and "LlamaForCausalLM" in reason
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         StackedGroup.from_models([build("llama-gqa", 0), gpt2])
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        shape_key(gpt2)
     dynamic = build("llama-gqa", 0, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     assert "dynamic" in unsupported_reason(dynamic)
     assert "gelu" in unsupported_reason(build("llama-gqa", 0, hidden_act="gelu"))
