@@ -60,7 +60,20 @@ def load_config(name: str):
 
 
 def build_members(arch: str, count: int, dtype: torch.dtype, device: torch.device) -> list[torch.nn.Module]:
+    """`count` members of bench/configs/ARCH.json with random weights; arch "demo" loads the two
+    trained bf16 members shipped with the package (me_runtime.demo_members(), count <= 2)."""
     from transformers import AutoModelForCausalLM
+
+    if arch == "demo":
+        from me_runtime import demo_members
+
+        paths = demo_members()
+        if count > len(paths):
+            raise SystemExit(f"e2e: arch demo has {len(paths)} members, asked for {count}")
+        models = [AutoModelForCausalLM.from_pretrained(p).to(device) for p in paths[:count]]
+        for model in models:
+            model.generation_config.eos_token_id = None  # every run makes all its tokens
+        return [m.eval() for m in models]
 
     config = load_config(arch)
     models = []
@@ -165,7 +178,7 @@ def timed(fn, device):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="tiny members on the CPU (quick smoke / CPU measurement)")
-    p.add_argument("--archs", default=None, help="comma list of bench/configs names")
+    p.add_argument("--archs", default=None, help="comma list of bench/configs names, or demo (the shipped members)")
     p.add_argument("--members", default=None, help="comma list of member counts M")
     p.add_argument("--batches", default=None, help="comma list of batch sizes")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {ROWS}")
