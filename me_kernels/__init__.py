@@ -6,11 +6,11 @@ CUDA tensors run the kernels; CPU tensors run the Triton interpreter when TRITON
 else the torch reference path.
 """
 from . import reference
-from ._ops import EXTENSION_LOADED
-from ._random import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
+from ._extension import EXTENSION_LOADED
+from ._philox import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
 from .grouped import group_rows, grouped_linear
-from .mixture import mixture_logprobs, mixture_sample
-from .sampling import me_step, sample
+from .mixture import mixture_logprobs, mixture_sample, mixture_sample_thresholds
+from .sampling import me_step, sample, sample_thresholds
 from .selection import select_members
 
 __all__ = [
@@ -23,8 +23,10 @@ __all__ = [
     "me_step",
     "mixture_logprobs",
     "mixture_sample",
+    "mixture_sample_thresholds",
     "reference",
     "sample",
+    "sample_thresholds",
     "select_members",
 ]
 __version__ = "0.1.0"

@@ -19,12 +19,17 @@ import torch
 
 __all__ = [
     "RowParam",
+    "RowParams",
+    "SAMPLING_ROW_NAMES",
+    "SEED_ROW_NAMES",
     "SAMPLING_DTYPES",
     "MAX_VOCAB",
     "check_logits",
     "check_mixture_logits",
     "sampling_params",
     "seed_param",
+    "sampling_row_params",
+    "seed_row_params",
     "check_weights",
     "check_batch",
 ]
@@ -38,6 +43,59 @@ _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 class RowParam(NamedTuple):
     tensor: torch.Tensor | None  # [B] view (possibly stride 0) or None
     scalar: float | int  # used when tensor is None
+
+    def value(self) -> torch.Tensor | float | int:
+        """The tensor, or the scalar where there is none (what the torch references take)."""
+        return self.tensor if self.tensor is not None else self.scalar
+
+    def kernel_args(self, dummy: torch.Tensor) -> tuple:
+        """(pointer, row stride, scalar) as the Triton kernels take a row parameter; `dummy`
+        stands in for the pointer of an absent tensor (never read: its HAS_* flag is False)."""
+        if self.tensor is None:
+            return dummy, 0, self.scalar
+        return self.tensor, self.tensor.stride(0), self.scalar
+
+
+# The per-row parameters in the order of the op schemas (me_kernels._ops.SCHEMAS), and the
+# suffix of each one's HAS_* flag in the Triton kernels.
+SAMPLING_ROW_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "offset")
+SEED_ROW_NAMES = ("seed", "offset")
+_FLAG = {"temperature": "TEMP", "top_k": "TOPK", "top_p": "TOPP", "min_p": "MINP", "seed": "SEED", "offset": "OFF"}
+
+
+class RowParams:
+    """The per-row parameters of one call, by name, in schema order: the one place that turns
+    them into op arguments, kernel arguments and reference keyword arguments."""
+
+    def __init__(self, **params: RowParam):
+        self.params = params
+
+    @classmethod
+    def from_flat(cls, names: tuple[str, ...], flat) -> "RowParams":
+        """From the (tensor, scalar) pairs of an op call, in the order of `names`."""
+        flat = tuple(flat)
+        if len(flat) != 2 * len(names):
+            raise TypeError(f"expected {2 * len(names)} row arguments ({', '.join(names)}), got {len(flat)}")
+        return cls(**{n: RowParam(flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(names)})
+
+    def __getitem__(self, name: str) -> RowParam:
+        return self.params[name]
+
+    def flat(self) -> tuple:
+        """(tensor or None, scalar) pairs in order: the op schemas' row arguments."""
+        return tuple(x for p in self.params.values() for x in p)
+
+    def values(self) -> dict:
+        """name -> tensor or scalar: keyword arguments of the torch references."""
+        return {n: p.value() for n, p in self.params.items()}
+
+    def kernel_args(self, dummy: torch.Tensor) -> tuple:
+        """(pointer, stride, scalar) triples in order: the Triton kernels' row arguments."""
+        return tuple(x for p in self.params.values() for x in p.kernel_args(dummy))
+
+    def has_flags(self) -> dict:
+        """HAS_<NAME> constexpr flags of the Triton kernels: which parameters are tensors."""
+        return {f"HAS_{_FLAG[n]}": p.tensor is not None for n, p in self.params.items()}
 
 
 def _type_name(x) -> str:
@@ -183,6 +241,19 @@ def seed_param(value, name: str, batch: int, device: torch.device) -> RowParam:
     if v >= 1 << 63:
         v -= 1 << 64
     return RowParam(None, v)
+
+
+def sampling_row_params(batch: int, device: torch.device, *, temperature, top_k, top_p, min_p, seed,
+                        offset) -> RowParams:
+    """Checks and normalises the six per-row parameters of sample / me_step / mixture_sample."""
+    temp, k, p, mp = sampling_params(batch, device, temperature, top_k, top_p, min_p)
+    return RowParams(temperature=temp, top_k=k, top_p=p, min_p=mp, seed=seed_param(seed, "seed", batch, device),
+                     offset=seed_param(offset, "offset", batch, device))
+
+
+def seed_row_params(batch: int, device: torch.device, *, seed, offset) -> RowParams:
+    """Checks and normalises the per-row seed / offset of select_members."""
+    return RowParams(seed=seed_param(seed, "seed", batch, device), offset=seed_param(offset, "offset", batch, device))
 
 
 def check_weights(weights, name: str, device: torch.device, num_members: int | None = None,

@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import _ops
 from ._dispatch import eager, on_device, use_triton
 from ._random import STREAM_MEMBER, gumbel_at
-from ._validate import check_batch, check_weights, seed_param
+from ._validate import SEED_ROW_NAMES, RowParams, check_batch, check_weights, seed_row_params
 
 __all__ = ["select_members", "draw_members"]
 
@@ -74,7 +74,7 @@ def _select_members_kernel(
     tl.store(out_ptr + rows, j, mask=rmask)
 
 
-def _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch):
+def _launch_select_members(weights: torch.Tensor, rows: RowParams, batch: int) -> torch.Tensor:
     m = weights.shape[-1]
     out = torch.empty(batch, dtype=torch.int32, device=weights.device)
     if batch == 0:
@@ -84,35 +84,26 @@ def _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch):
     # Two row-block classes only: each distinct BLOCK_B is another compilation.
     block_b = max(1, min(16 if batch <= 16 else 128, 4096 // m_pad))
     grid = (triton.cdiv(batch, block_b),)
+    dummy = out
     with on_device(weights.device):
         _select_members_kernel[grid](
             weights, stride_wb, weights.stride(-1), m, batch,
-            seed_t if seed_t is not None else out, seed_t.stride(0) if seed_t is not None else 0, seed_s,
-            off_t if off_t is not None else out, off_t.stride(0) if off_t is not None else 0, off_s,
+            *rows.kernel_args(dummy),
             out,
-            HAS_SEED=seed_t is not None, HAS_OFF=off_t is not None,
+            **rows.has_flags(),
             M_PAD=m_pad, BLOCK_B=block_b, num_warps=4,
         )
     return out
 
 
-def _select_members_impl(
-    weights: torch.Tensor, seed_t: torch.Tensor | None, seed_s: int, off_t: torch.Tensor | None, off_s: int,
-    batch: int,
-) -> torch.Tensor:
-    if use_triton(weights.device):
-        return _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch)
-    seed = seed_t if seed_t is not None else seed_s
-    offset = off_t if off_t is not None else off_s
-    return reference.select_members_reference(weights, seed=seed, offset=offset, batch=batch)
+# The CUDA implementation of me::select_members (CPU: me_kernels._ops).
+def _select_members_cuda(weights: torch.Tensor, seed_t: torch.Tensor | None, seed_s: int, off_t: torch.Tensor | None,
+                         off_s: int, batch: int) -> torch.Tensor:
+    use_triton(weights.device)  # raises if the kernels were imported for the interpreter
+    return _launch_select_members(weights, RowParams.from_flat(SEED_ROW_NAMES, (seed_t, seed_s, off_t, off_s)), batch)
 
 
-_select_members_op = torch.library.custom_op("me::select_members", _select_members_impl, mutates_args=())
-
-
-@_select_members_op.register_fake
-def _(weights, seed_t, seed_s, off_t, off_s, batch):
-    return weights.new_empty((batch,), dtype=torch.int32)
+_ops.register_cuda("select_members", _select_members_cuda)
 
 
 def _infer_batch(weights: torch.Tensor, batch, seed, offset) -> int:
@@ -152,8 +143,7 @@ def select_members(weights, *, seed=0, offset=0, batch=None) -> torch.Tensor:
                 device = t.device  # host weights with device seeds: run on the seeds' device
     weights = check_weights(weights, "weights", device)
     b = _infer_batch(weights, batch, seed, offset)
-    seed_t, seed_s = seed_param(seed, "seed", b, device)
-    off_t, off_s = seed_param(offset, "offset", b, device)
-    if eager():
-        return _select_members_impl(weights, seed_t, seed_s, off_t, off_s, b)
-    return torch.ops.me.select_members(weights, seed_t, seed_s, off_t, off_s, b)
+    rows = seed_row_params(b, device, seed=seed, offset=offset)
+    if eager() and use_triton(device):
+        return _launch_select_members(weights, rows, b)
+    return torch.ops.me.select_members(weights, *rows.flat(), b)

@@ -8,7 +8,7 @@ import torch
 
 import me_kernels as K
 from me_kernels import reference as R
-from me_kernels._random import STREAM_MIXTURE
+from me_kernels._philox import STREAM_MIXTURE
 from me_kernels.mixture import mixture_sample_thresholds
 
 from _sampling_testlib import assert_tokens_match, chi2_check, exact_probs, llm_like_logits

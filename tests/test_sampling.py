@@ -15,10 +15,12 @@ import torch
 
 import me_kernels as K
 from me_kernels import reference as R
-from me_kernels._random import (STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN, philox4x32_10_torch, uniforms_torch,
-                                uniforms_triton)
-from me_kernels.sampling import _launch_sample, block_config, sample_thresholds
-from me_kernels._validate import RowParam
+from me_kernels._ops import uniforms_torch
+from me_kernels._philox import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN, philox4x32_10_torch
+from me_kernels._random import uniforms_triton
+from me_kernels._rows import block_config
+from me_kernels.sampling import _launch_sample, sample_thresholds
+from me_kernels._validate import RowParam, RowParams
 
 from _sampling_testlib import assert_tokens_match, borderline_rows, chi2_check, exact_probs, llm_like_logits
 
@@ -383,10 +385,10 @@ def test_bad_device_parameters_yield_minus_one(kernel_device):
     def rp(values, dtype):
         return RowParam(torch.tensor(values, dtype=dtype, device=d), 0)
 
-    tokens, _ = _launch_sample(
-        x, rp([1.0, -1.0, 1.0, 1.0, 1.0, float("nan")], torch.float32), rp([0, 0, -3, 0, 0, 0], torch.int32),
-        rp([0.9, 0.9, 0.9, 0.0, 1.0, 0.9], torch.float32), rp([0.0, 0.0, 0.0, 0.0, 2.0, 0.0], torch.float32),
-        RowParam(None, 1), RowParam(None, 0))
+    tokens, _ = _launch_sample(x, RowParams(
+        temperature=rp([1.0, -1.0, 1.0, 1.0, 1.0, float("nan")], torch.float32), top_k=rp([0, 0, -3, 0, 0, 0], torch.int32),
+        top_p=rp([0.9, 0.9, 0.9, 0.0, 1.0, 0.9], torch.float32), min_p=rp([0.0, 0.0, 0.0, 0.0, 2.0, 0.0], torch.float32),
+        seed=RowParam(None, 1), offset=RowParam(None, 0)))
     assert tokens.tolist()[1:] == [-1, -1, -1, -1, -1] and 0 <= int(tokens[0]) < 48
 
 

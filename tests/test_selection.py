@@ -10,6 +10,7 @@ from scipy import stats
 
 import me_kernels as K
 from me_kernels import reference as R
+from me_kernels._validate import RowParam, RowParams
 from me_kernels.selection import _launch_select_members
 
 from _sampling_testlib import P_REJECT, assert_tokens_match, chi2_check, exact_probs, llm_like_logits
@@ -66,7 +67,7 @@ def test_select_members_bad_device_weights_yield_minus_one(kernel_device):
     below the host checks, which raise for CPU weights)."""
     nan, inf = float("nan"), float("inf")
     w = torch.tensor([[1.0, 2.0], [0.0, 0.0], [1.0, -1.0], [nan, 1.0], [inf, 1.0], [0.0, 3.0]], device=kernel_device)
-    z = _launch_select_members(w, None, 4, None, 0, 6)
+    z = _launch_select_members(w, RowParams(seed=RowParam(None, 4), offset=RowParam(None, 0)), 6)
     assert z.tolist()[1:] == [-1, -1, -1, -1, 1] and int(z[0]) in (0, 1)
     assert torch.equal(z.cpu(), R.select_members_reference(w.cpu(), seed=4))
 
@@ -178,13 +179,14 @@ def test_me_step_token_and_member_are_independent():
 
 def test_me_step_bad_device_weight_row(kernel_device):
     from me_kernels.sampling import _launch_sample
-    from me_kernels._validate import RowParam
+    from me_kernels._validate import RowParam, RowParams
 
     x = torch.randn(3, 48, generator=_gen(2)).to(kernel_device)
     w = torch.tensor([[1.0, 1.0], [0.0, 0.0], [float("nan"), 1.0]], device=kernel_device)
     p = RowParam(None, 1.0)
-    tokens, members = _launch_sample(x, p, RowParam(None, 0), p, RowParam(None, 0.0), RowParam(None, 1),
-                                     RowParam(None, 0), weights=w)
+    rows = RowParams(temperature=p, top_k=RowParam(None, 0), top_p=p, min_p=RowParam(None, 0.0),
+                     seed=RowParam(None, 1), offset=RowParam(None, 0))
+    tokens, members = _launch_sample(x, rows, weights=w)
     assert members.tolist()[1:] == [-1, -1] and int(members[0]) in (0, 1)
     assert (tokens >= 0).all()
 
