@@ -9,6 +9,7 @@ from . import reference
 from ._extension import EXTENSION_LOADED
 from ._philox import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
 from .grouped import group_rows, grouped_linear
+from .params import SamplingParams
 from .mixture import mixture_logprobs, mixture_sample, mixture_sample_thresholds
 from .sampling import me_step, sample, sample_thresholds
 from .selection import select_members
@@ -18,6 +19,7 @@ __all__ = [
     "STREAM_MEMBER",
     "STREAM_MIXTURE",
     "STREAM_TOKEN",
+    "SamplingParams",
     "group_rows",
     "grouped_linear",
     "me_step",

@@ -11,11 +11,12 @@ device (a 0-dim tensor is expanded to stride 0).
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple
 
 import torch
+
+from .params import MIN_P, TEMPERATURE, TOP_K_MIN, TOP_P, FloatRange, check_float, check_int
 
 __all__ = [
     "RowParam",
@@ -155,35 +156,23 @@ def _row_tensor(t: torch.Tensor, name: str, batch: int, device: torch.device) ->
     return t
 
 
-def _range_text(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
-    return f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-
-def _float_param(value, name, batch, device, lo, hi, lo_open, hi_open) -> RowParam:
-    def in_range(x: float) -> bool:
-        if math.isnan(x):
-            return False
-        ok_lo = x > lo if lo_open else x >= lo
-        ok_hi = x < hi if hi_open else x <= hi
-        return ok_lo and ok_hi
-
-    text = _range_text(lo, hi, lo_open, hi_open)
+def _float_param(value, rule: FloatRange, batch, device) -> RowParam:
+    """Float row parameter in `rule`'s range: a Python real (me_kernels.params' rule) or a float
+    tensor [B] (the same range, checked on the values of CPU tensors)."""
+    name = rule.name
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
         t = _row_tensor(value, name, batch, device)
         if t.device.type == "cpu" and t.numel() > 0:
-            bad = torch.isnan(t) | ~((t > lo) if lo_open else (t >= lo)) | ~((t < hi) if hi_open else (t <= hi))
+            lo_ok = (t > rule.lo) if rule.lo_open else (t >= rule.lo)
+            hi_ok = (t < rule.hi) if rule.hi_open else (t <= rule.hi)
+            bad = torch.isnan(t) | ~lo_ok | ~hi_ok
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
-                raise ValueError(f"{name}[{row}] = {float(t[row])} is outside the allowed range {text}")
+                raise ValueError(f"{name}[{row}] = {float(t[row])} is outside the allowed range {rule.text()}")
         return RowParam(t.to(torch.float32), 0.0)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or a tensor of shape [B], got {_type_name(value)}")
-    x = float(value)
-    if not in_range(x):
-        raise ValueError(f"{name} must be in {text}, got {value}")
-    return RowParam(None, x)
+    return RowParam(None, check_float(rule, value))
 
 
 def _int_param(value, name, batch, device, lo) -> RowParam:
@@ -198,30 +187,25 @@ def _int_param(value, name, batch, device, lo) -> RowParam:
                 row = int(bad.nonzero()[0, 0])
                 raise ValueError(f"{name}[{row}] = {int(t[row])} is outside the allowed range [{lo}, inf)")
         return RowParam(t, 0)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int or an integer tensor of shape [B], got {_type_name(value)}")
-    v = int(value)
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return RowParam(None, v)
+    return RowParam(None, check_int(value, name, lo))
 
 
 def sampling_params(batch: int, device: torch.device, temperature, top_k, top_p, min_p):
-    """Checks and normalises (temperature, top_k, top_p, min_p).
-
-    temperature >= 0 and not NaN (0 = greedy, inf = uniform over the kept set); top_k >= 0
-    (0 = off); top_p in (0, 1] (1 = off); min_p in [0, 1] (0 = off).
+    """Checks and normalises (temperature, top_k, top_p, min_p) with the rules of
+    me_kernels.params (the same as SamplingParams): temperature in [0, inf] (0 = greedy, inf =
+    uniform over the kept set); top_k >= 0 (0 = off); top_p in (0, 1] (1 = off); min_p in [0, 1]
+    (0 = off); NaN nowhere.
     Returns RowParams; top_k's tensor is int32 (values above 2**31 - 1 are clamped, which keeps
     every token, exactly as any k >= V does).
     """
-    temp = _float_param(temperature, "temperature", batch, device, 0.0, math.inf, False, False)
-    k = _int_param(top_k, "top_k", batch, device, 0)
+    temp = _float_param(temperature, TEMPERATURE, batch, device)
+    k = _int_param(top_k, "top_k", batch, device, TOP_K_MIN)
     if k.tensor is not None:
         k = RowParam(k.tensor.clamp(max=(1 << 31) - 1).to(torch.int32), 0)
     else:
         k = RowParam(None, min(k.scalar, (1 << 31) - 1))
-    p = _float_param(top_p, "top_p", batch, device, 0.0, 1.0, True, False)
-    mp = _float_param(min_p, "min_p", batch, device, 0.0, 1.0, False, False)
+    p = _float_param(top_p, TOP_P, batch, device)
+    mp = _float_param(min_p, MIN_P, batch, device)
     return temp, k, p, mp
 
 
