@@ -6,7 +6,7 @@
 // kernels) multiply and accumulate in fp32 and round once, with the bias added to the fp32
 // accumulator before that rounding, which is this op's contract. (Upcasting the weights to fp32
 // instead would convert every weight element on every call, 2-5x slower for decode-sized
-// batches.) tests/test_grouped.py checks the fp32 accumulation explicitly (sums that bf16 / fp16
+// batches.) tests/test_grouped_linear.py checks the fp32 accumulation explicitly (sums that bf16 / fp16
 // accumulation could not represent) and the single rounding with a cancelling bias.
 #include <ATen/ATen.h>
 
