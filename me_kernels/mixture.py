@@ -284,13 +284,13 @@ _ops.register_cuda("mixture_sample", _mixture_sample_cuda)
 # --------------------------------------------------------------------------------------------
 
 
-def _checked(logits, weights):
+def _checked(logits: torch.Tensor, weights) -> tuple[int, torch.Tensor]:
     num_members, batch, _ = check_mixture_logits(logits)
     weights = check_weights(weights, "weights", logits.device, num_members=num_members, batch=batch)
     return batch, weights
 
 
-def mixture_logprobs(logits, weights) -> torch.Tensor:
+def mixture_logprobs(logits: torch.Tensor, weights: torch.Tensor | list[float]) -> torch.Tensor:
     """log sum_m wbar_m softmax(logits[m]) for every row: the CE distribution, as log-probabilities.
 
     Args:
@@ -302,6 +302,12 @@ def mixture_logprobs(logits, weights) -> torch.Tensor:
         NaN if its weights are bad or a member of positive weight has a NaN or no logit above
         -inf. Members of zero weight are ignored; +inf logits of a member make it uniform over
         its +inf entries.
+
+    Example::
+
+        >>> stacked = torch.stack([m(ids).logits[:, -1] for m in members])   # [M, B, V]
+        >>> logq = mixture_logprobs(stacked, torch.tensor([0.5, 0.3, 0.2]))   # float32 [B, V]
+        >>> score += logq.gather(1, next_ids[:, None])[:, 0]                  # exact CE log-likelihood
     """
     _, weights = _checked(logits, weights)
     if eager() and use_triton(logits.device):
@@ -309,13 +315,15 @@ def mixture_logprobs(logits, weights) -> torch.Tensor:
     return torch.ops.me.mixture_logprobs(logits, weights)
 
 
-def _row_params(logits, batch, temperature, top_k, top_p, min_p, seed, offset) -> RowParams:
+def _row_params(logits: torch.Tensor, batch: int, temperature, top_k, top_p, min_p, seed, offset) -> RowParams:
     return sampling_row_params(batch, logits.device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                seed=seed, offset=offset)
 
 
-def mixture_sample(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
-                   offset=0) -> torch.Tensor:
+def mixture_sample(logits: torch.Tensor, weights: torch.Tensor | list[float], *,
+                   temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+                   top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
+                   seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """The CE step: sample from the mixture of the members' softmaxes, transforms applied to the mixture.
 
     Args:
@@ -327,6 +335,11 @@ def mixture_sample(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_
     Returns:
         int64 [B]; -1 for a row whose mixture is undefined (see `mixture_logprobs`) or with a bad
         device parameter.
+
+    Example::
+
+        >>> stacked = torch.stack([m(ids).logits[:, -1] for m in members])   # [M, B, V]
+        >>> tokens = mixture_sample(stacked, weights, top_p=0.9, seed=seeds, offset=step)  # int64 [B]
     """
     batch, weights = _checked(logits, weights)
     rows = _row_params(logits, batch, temperature, top_k, top_p, min_p, seed, offset)
@@ -335,10 +348,19 @@ def mixture_sample(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_
     return torch.ops.me.mixture_sample(logits, weights, *rows.flat())
 
 
-def mixture_sample_thresholds(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
-                              cap=None):
-    """Debug entry of the Triton kernel, as `me_kernels.sampling.sample_thresholds` (the kept set
-    is a threshold on mixture_logprobs(logits, weights))."""
+def mixture_sample_thresholds(logits: torch.Tensor, weights: torch.Tensor | list[float], *,
+                              temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+                              top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
+                              seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0,
+                              cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Debug entry of the Triton kernel, as `me_kernels.sample_thresholds`: (tokens int64 [B],
+    info float32 [B, 4]), the kept set being a threshold on mixture_logprobs(logits, weights).
+
+    Example::
+
+        >>> tokens, info = mixture_sample_thresholds(stacked, weights, top_p=0.9, seed=seeds)
+        >>> info[:, 1]                                            # tau_p on log q, per row
+    """
     batch, weights = _checked(logits, weights)
     rows = _row_params(logits, batch, temperature, top_k, top_p, min_p, seed, offset)
     if not use_triton(logits.device):

@@ -152,13 +152,15 @@ _ops.register_cuda("me_step", _me_step_cuda)
 # --------------------------------------------------------------------------------------------
 
 
-def _row_params(logits, temperature, top_k, top_p, min_p, seed, offset) -> RowParams:
+def _row_params(logits: torch.Tensor, temperature, top_k, top_p, min_p, seed, offset) -> RowParams:
     batch, _ = check_logits(logits)
     return sampling_row_params(batch, logits.device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                seed=seed, offset=offset)
 
 
-def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0) -> torch.Tensor:
+def sample(logits: torch.Tensor, *, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+           top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0, seed: int | torch.Tensor = 0,
+           offset: int | torch.Tensor = 0) -> torch.Tensor:
     """Sample one token per row: temperature -> top-k -> top-p -> min-p -> draw.
 
     Args:
@@ -181,6 +183,12 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
 
     No host synchronisation: the call can be captured in a CUDA graph (seed / offset as device
     tensors updated between replays).
+
+    Example::
+
+        >>> logits = model(input_ids).logits[:, -1, :]            # [B, V]
+        >>> seeds = torch.arange(B, device=logits.device)         # one stream per request
+        >>> tokens = sample(logits, temperature=0.7, top_p=0.9, seed=seeds, offset=step)  # int64 [B]
     """
     rows = _row_params(logits, temperature, top_k, top_p, min_p, seed, offset)
     if eager() and use_triton(logits.device):
@@ -188,8 +196,10 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, of
     return torch.ops.me.sample(logits, *rows.flat())
 
 
-def me_step(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
-            shared=False) -> tuple[torch.Tensor, torch.Tensor]:
+def me_step(logits: torch.Tensor, weights: torch.Tensor | list[float], *, temperature: float | torch.Tensor = 1.0,
+            top_k: int | torch.Tensor = 0, top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
+            seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0,
+            shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused ME decode step in a single launch: the token of step t and the member of t + 1.
 
     Args:
@@ -205,6 +215,13 @@ def me_step(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, 
         batch=1)` broadcast). Token and member use independent Philox streams.
     The runtime calls select_members(w, seed=s, offset=0) before step 0 and
     me_step(logits_t, w, seed=s, offset=t) at step t.
+
+    Example::
+
+        >>> members = select_members(w, seed=seeds, offset=0)            # step 0's members
+        >>> for t in range(n_steps):
+        ...     logits = run_members(members)                             # [B, V], row b from members[b]
+        ...     tokens, members = me_step(logits, w, top_p=0.9, seed=seeds, offset=t)
     """
     rows = _row_params(logits, temperature, top_k, top_p, min_p, seed, offset)
     weights = check_weights(weights, "weights", logits.device, batch=logits.shape[0])
@@ -215,13 +232,22 @@ def me_step(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, 
     return torch.ops.me.me_step(logits, weights, *rows.flat(), shared)
 
 
-def sample_thresholds(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0, cap=None):
+def sample_thresholds(logits: torch.Tensor, *, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+                      top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
+                      seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0,
+                      cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Debug entry of the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1): returns
     (tokens int64 [B], info float32 [B, 4]) with info[:, 0] = tau_k, info[:, 1] = tau_p (-inf when
     the filter is off or was not needed: greedy / plain / +inf rows) and info[:, 2] = the number
     of passes over the row. The kept set of a truncated row is
     {x >= max(tau_k, tau_p)} & {exp((x - max) / T) >= min_p}. `cap` overrides the candidate
-    capacity (a power of two) to exercise the refinement paths on small rows."""
+    capacity (a power of two) to exercise the refinement paths on small rows.
+
+    Example::
+
+        >>> tokens, info = sample_thresholds(logits, top_k=50, top_p=0.9, seed=seeds)
+        >>> info[:, 2].mean()                                     # passes over a row, on average
+    """
     rows = _row_params(logits, temperature, top_k, top_p, min_p, seed, offset)
     if not use_triton(logits.device):
         raise RuntimeError("sample_thresholds runs the Triton kernel: use CUDA tensors or TRITON_INTERPRET=1")

@@ -106,7 +106,7 @@ def _select_members_cuda(weights: torch.Tensor, seed_t: torch.Tensor | None, see
 _ops.register_cuda("select_members", _select_members_cuda)
 
 
-def _infer_batch(weights: torch.Tensor, batch, seed, offset) -> int:
+def _infer_batch(weights: torch.Tensor, batch: int | None, seed, offset) -> int:
     if weights.dim() == 2:
         b = weights.shape[0]
         if batch is not None and check_batch(batch) != b:
@@ -120,7 +120,8 @@ def _infer_batch(weights: torch.Tensor, batch, seed, offset) -> int:
     raise ValueError("weights has shape [M]: pass batch=B (or per-row seed/offset tensors of shape [B])")
 
 
-def select_members(weights, *, seed=0, offset=0, batch=None) -> torch.Tensor:
+def select_members(weights: torch.Tensor | list[float], *, seed: int | torch.Tensor = 0,
+                   offset: int | torch.Tensor = 0, batch: int | None = None) -> torch.Tensor:
     """Draw one member per row: z_b ~ Categorical(weights_b / sum(weights_b)).
 
     Args:
@@ -135,6 +136,11 @@ def select_members(weights, *, seed=0, offset=0, batch=None) -> torch.Tensor:
         batch: B when weights is [M] (may be omitted if seed/offset are [B] tensors).
     Returns:
         int32 [B] member ids in [0, M) (-1 for a bad device weight row).
+
+    Example::
+
+        >>> select_members([0.5, 0.3, 0.2], seed=torch.arange(4), offset=0)   # int32 [4]
+        >>> select_members(torch.tensor([[1.0, 0.0], [0.2, 0.8]]), seed=7)      # row 0: member 0
     """
     device = weights.device if isinstance(weights, torch.Tensor) else torch.device("cpu")
     if isinstance(weights, torch.Tensor) and weights.device.type == "cpu":
