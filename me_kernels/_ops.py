@@ -73,14 +73,60 @@ def _check_cpu_ids(members, num_members, op):
             raise ValueError(f"{op}: members[{t}] = {int(members[t])} is outside [0, num_members={num_members})")
 
 
+def _check_group_rows_args(members, num_members):
+    # The argument rules of the compiled op (csrc/checks.h), so both paths reject alike.
+    if members.dtype != torch.int32:
+        raise TypeError(f"group_rows: members must be int32, got {members.dtype}")
+    if members.dim() != 1:
+        raise ValueError(f"group_rows: members must be 1-D [T], got shape {list(members.shape)}")
+    if num_members < 1:
+        raise ValueError(f"group_rows: num_members must be >= 1, got {num_members}")
+
+
 def _group_rows_fallback(members, num_members):
     warn_fallback_once()
+    _check_group_rows_args(members, num_members)
     _check_cpu_ids(members, num_members, "group_rows")
     return reference.group_rows_reference(members, num_members)
 
 
+def _check_grouped_linear_args(x, members, weight, bias):
+    # The argument rules of the compiled op (csrc/checks.h), so both paths reject alike.
+    op = "grouped_linear"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [T, K], got shape {list(x.shape)}")
+    if weight.dim() != 3:
+        raise ValueError(f"{op}: weight must be 3-D [M, N, K], got shape {list(weight.shape)}")
+    if members.dim() != 1:
+        raise ValueError(f"{op}: members must be 1-D [T], got shape {list(members.shape)}")
+    if members.dtype != torch.int32:
+        raise TypeError(f"{op}: members must be int32, got {members.dtype}")
+    if members.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: members has {members.shape[0]} rows but x has {x.shape[0]}")
+    if weight.shape[2] != x.shape[1]:
+        raise ValueError(f"{op}: x has K={x.shape[1]} but weight [M, N, K] has K={weight.shape[2]}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{op}: weight must hold at least one member")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if not x.device == weight.device == members.device:
+        raise ValueError(f"{op}: x, members and weight must be on one device, got {x.device}, {members.device}, "
+                         f"{weight.device}")
+    if bias is not None:
+        if bias.dim() != 2 or tuple(bias.shape) != tuple(weight.shape[:2]):
+            raise ValueError(f"{op}: bias must be [M, N] = [{weight.shape[0]}, {weight.shape[1]}], got shape "
+                             f"{list(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
 def _grouped_linear_fallback(x, members, weight, bias=None):
     warn_fallback_once()
+    _check_grouped_linear_args(x, members, weight, bias)
     _check_cpu_ids(members, weight.shape[0], "grouped_linear")
     return reference.grouped_linear_reference(x, members, weight, bias)
 
