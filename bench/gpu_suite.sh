@@ -47,17 +47,34 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 step build "$(budget 150)" "$PY" setup.py build_ext --inplace || { echo "build failed: see $OUTDIR/suite.log"; tail -n 40 "$OUTDIR/suite.log"; exit 1; }
 step import 20 "$PY" -c "import me_kernels, me_runtime; assert me_kernels.EXTENSION_LOADED; print('me_kernels._C loaded')"
 step gpu-tests "$(budget 180)" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml"
-# Kernel microbenchmarks: the issues' target cases first (ids matching these substrings).
-declare -A PRIORITY=(
-  [bench_sampling]="top_p-B128-V131072-fp32|-B1-V|-B64-V|-B256-V"
-  [bench_grouped]="-M4-T1]|-M4-T16]|-M4-T512]|-M4-|-M3-"
-)
-for b in bench/bench_*.py; do
-  [ -f "$b" ] || continue
-  name=$(basename "$b" .py)
-  ME_BENCH_SECONDS=$(budget 40) ME_BENCH_PRIORITY="${PRIORITY[$name]:-}" \
-    step "$name" "$(budget 55)" "$PY" -m pytest -q "$b" -p no:cacheprovider --benchmark-enable --benchmark-json="$OUTDIR/$name.json"
-done
+# Kernel microbenchmarks, one file per op (bench/bench_<op>.py), one JSON per op
+# ($OUTDIR/bench_<op>.json). The ops with targets (sample, grouped_linear) run in their own
+# session, their target cases first (ids matching these substrings); the other five share one
+# session (one interpreter start, one copy-bandwidth measurement, one budget) whose JSON is then
+# split per file. Each session skips (not kills) its remaining cases when its budget is spent.
+bench_step() {  # bench_step NAME SECONDS PRIORITY FILE...
+  local name=$1 secs=$(budget "$2") prio=$3
+  shift 3
+  ME_BENCH_SECONDS=$secs ME_BENCH_PRIORITY="$prio" \
+    step "$name" "$((secs + 13))" "$PY" -m pytest -q "$@" -p no:cacheprovider --benchmark-enable --benchmark-json="$OUTDIR/$name.json"
+}
+bench_step bench_sample 22 "top_p-B128-V131072-fp32|-B1-V|-B64-V|-B256-V" bench/bench_sample.py
+bench_step bench_grouped_linear 22 "-M4-T1]|-M4-T16]|-M4-T512]|-M4-|-M3-" bench/bench_grouped_linear.py
+OTHERS=(bench/bench_me_step.py bench/bench_mixture_sample.py bench/bench_mixture_logprobs.py bench/bench_select_members.py bench/bench_group_rows.py)
+bench_step ops-combined 22 "test_me_step[top_p-B1-V32000-|test_mixture_sample[top_p-B1-V152064-|test_mixture_logprobs[plain-B1-V152064-|test_select_members[B64-M3-|test_group_rows[T512-M3-|test_me_step[top_p-B64-|test_mixture_sample[top_p-B64-|-B1-|-T1-" "${OTHERS[@]}"
+"$PY" - "$OUTDIR/ops-combined.json" <<'PYEOF' && rm -f "$OUTDIR/ops-combined.json"
+import json, os, sys
+path = sys.argv[1]
+data = json.load(open(path))
+by_file = {}
+for b in data.get("benchmarks", []):
+    name = os.path.basename(b["fullname"].split("::")[0])[: -len(".py")]
+    by_file.setdefault(name, []).append(b)
+for name, benches in by_file.items():
+    with open(os.path.join(os.path.dirname(path), name + ".json"), "w") as f:
+        json.dump({**data, "benchmarks": benches}, f, indent=2)
+print("split into", ", ".join(sorted(by_file)))
+PYEOF
 # End to end: the target cells first (M=3 at B=1 and B=32), then the rest of the grid as time allows.
 CELLS="qwen2.5-1.5b:3:1,qwen2.5-1.5b:3:32,llama-3.2-1b:3:1,qwen2.5-1.5b:2:1,qwen2.5-1.5b:4:1,qwen2.5-1.5b:3:8,qwen2.5-1.5b:3:64,llama-3.2-1b:3:32"
 [ -f bench/e2e.py ] && step e2e "$(budget 115)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 85)" --out "$OUTDIR/e2e.json"

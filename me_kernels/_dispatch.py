@@ -1,5 +1,11 @@
-"""Where a call runs: CUDA tensors -> Triton kernels; CPU tensors -> Triton under the interpreter
-when TRITON_INTERPRET=1 is set at call time, else the torch reference (the CPU path)."""
+"""Where a call runs. CUDA tensors -> the Triton kernels. CPU tensors -> the Triton kernels under the
+interpreter when TRITON_INTERPRET=1 is set at call time, else the registered op's CPU kernel (the
+extension's C++ kernel when it defines one, else the torch reference; see me_kernels._ops).
+
+The public functions launch the Triton kernels directly when `eager()` and `use_triton(device)`
+(no dispatcher overhead on a decode step, and the interpreter tests exercise the kernels);
+otherwise, and always under torch.compile, they call the registered op torch.ops.me.<op>.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +27,8 @@ _KERNELS_INTERPRETED = isinstance(_probe, InterpretedFunction)
 
 
 def use_triton(device: torch.device) -> bool:
+    """Whether tensors on `device` run the Triton kernels (CUDA, or the CPU under the interpreter).
+    Raises when TRITON_INTERPRET at call time disagrees with how the kernels were defined."""
     if device.type == "cuda":
         if _KERNELS_INTERPRETED:
             raise RuntimeError(
@@ -39,7 +47,7 @@ def use_triton(device: torch.device) -> bool:
 
 
 def eager() -> bool:
-    """True when the public functions may call their implementation directly instead of going
+    """True when the public functions may launch their Triton kernel directly instead of going
     through the registered torch op (saves the dispatcher's overhead on every decode step);
     under torch.compile the registered op is used so the call is traceable."""
     return not torch.compiler.is_compiling()

@@ -1,8 +1,8 @@
 """Counter-based randomness shared by the Triton kernels and the torch references.
 
 Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), written
-twice: once in Triton (`philox4x32_10`, `tl.umulhi`) and once in plain torch int64 arithmetic
-(`philox4x32_10_torch`). Both produce the same 32-bit words, checked against the Random123
+twice: once in Triton here (`philox4x32_10`, `tl.umulhi`) and once in plain torch int64
+arithmetic in me_kernels._philox (`philox4x32_10_torch`, used by the references). Both produce the same 32-bit words, checked against the Random123
 known-answer vectors in the tests, so a kernel and its reference draw bit-identical uniforms.
 
 Stream layout (what each Philox counter / key word holds)::
@@ -33,31 +33,18 @@ import triton
 import triton.language as tl
 
 from ._dispatch import on_device
+from ._philox import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
 
 __all__ = [
     "STREAM_TOKEN",
     "STREAM_MEMBER",
     "STREAM_MIXTURE",
     "philox4x32_10",
-    "philox4x32_10_torch",
     "uniform_from_bits",
     "gumbel_tile",
     "gumbel_at",
-    "uniforms_torch",
-    "philox_uniforms_torch",
-    "gumbel_torch",
     "uniforms_triton",
 ]
-
-STREAM_TOKEN = 0
-STREAM_MEMBER = 1
-STREAM_MIXTURE = 2
-
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
-_MASK32 = 0xFFFFFFFF
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,70 +123,6 @@ def gumbel_at(idx, seed, offset, stream: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
-# torch (int64 arithmetic; every value is kept in [0, 2**32))
-# --------------------------------------------------------------------------------------------
-
-
-def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit words of a * m for a in [0, 2**32): 16-bit limbs keep every partial
-    product below 2**49, so int64 never overflows."""
-    m_hi, m_lo = m >> 16, m & 0xFFFF
-    p_lo = a * m_lo
-    t = a * m_hi + (p_lo >> 16)
-    hi = t >> 16
-    lo = ((t & 0xFFFF) << 16) | (p_lo & 0xFFFF)
-    return hi, lo
-
-
-def philox4x32_10_torch(c0, c1, c2, c3, k0, k1):
-    """Philox-4x32-10 on int64 tensors holding uint32 values (broadcasting). Returns 4 words."""
-    for _ in range(10):
-        hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
-        hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = (k0 + PHILOX_W0) & _MASK32
-        k1 = (k1 + PHILOX_W1) & _MASK32
-    return c0, c1, c2, c3
-
-
-def uniforms_torch(seed: torch.Tensor, offset: torch.Tensor, stream: int, n: int) -> torch.Tensor:
-    """fp32 [B, n]: the uniforms of elements 0..n-1 for rows with int64 seed [B] / offset [B],
-    bit-identical to what the kernels draw. On the CPU the compiled helper
-    torch.ops.me.philox_uniforms computes the same words in one pass (a whole vocabulary per
-    decode step: milliseconds as ~200 tensor ops, tens of microseconds in C++)."""
-    if seed.device.type == "cpu":
-        from ._ops import EXTENSION_LOADED
-
-        if EXTENSION_LOADED:
-            seed = seed.to(torch.int64).reshape(-1)
-            offset = offset.to(torch.int64).reshape(-1).expand(seed.shape[0]).contiguous()
-            return torch.ops.me.philox_uniforms(seed.contiguous(), offset, stream, n)
-    return philox_uniforms_torch(seed, offset, stream, n)
-
-
-def philox_uniforms_torch(seed: torch.Tensor, offset: torch.Tensor, stream: int, n: int) -> torch.Tensor:
-    """`uniforms_torch` in plain torch ops (any device)."""
-    seed = seed.to(torch.int64).reshape(-1, 1)
-    offset = offset.to(torch.int64).reshape(-1, 1)
-    device = seed.device
-    n4 = (n + 3) // 4
-    c0 = torch.arange(n4, dtype=torch.int64, device=device).reshape(1, -1)
-    c1 = offset & _MASK32
-    c2 = (offset >> 32) & _MASK32
-    c3 = torch.full_like(c1, stream)
-    k0 = seed & _MASK32
-    k1 = (seed >> 32) & _MASK32
-    words = philox4x32_10_torch(c0, c1, c2, c3, k0, k1)
-    r = torch.stack(torch.broadcast_tensors(*words), dim=-1).reshape(seed.shape[0], 4 * n4)[:, :n]
-    return ((r >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-07
-
-
-def gumbel_torch(seed: torch.Tensor, offset: torch.Tensor, stream: int, n: int) -> torch.Tensor:
-    """fp32 [B, n] Gumbel(0, 1) noise, -log(-log(u)) of `uniforms_torch`."""
-    return -torch.log(-torch.log(uniforms_torch(seed, offset, stream, n)))
-
-
-# --------------------------------------------------------------------------------------------
 # Test / debug entry: the uniforms the kernels draw, computed by a Triton kernel
 # --------------------------------------------------------------------------------------------
 
@@ -223,7 +146,7 @@ def _uniforms_kernel(seed_ptr, off_ptr, out_ptr, n, stream: tl.constexpr, BLOCK:
 
 def uniforms_triton(seed: torch.Tensor, offset: torch.Tensor, stream: int, n: int) -> torch.Tensor:
     """fp32 [B, n]: the uniforms of elements 0..n-1 drawn by the Triton kernels (CUDA tensors, or
-    CPU tensors under TRITON_INTERPRET=1); equal bit for bit to `uniforms_torch`."""
+    CPU tensors under TRITON_INTERPRET=1); equal bit for bit to `me_kernels._philox.philox_uniforms_torch`."""
     seed = seed.to(torch.int64).contiguous()
     offset = offset.to(torch.int64).contiguous()
     out = torch.empty((seed.shape[0], n), dtype=torch.float32, device=seed.device)

@@ -11,20 +11,26 @@ device (a 0-dim tensor is expanded to stride 0).
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple
 
 import torch
 
+from .params import MIN_P, TEMPERATURE, TOP_K_MIN, TOP_P, FloatRange, check_float, check_int
+
 __all__ = [
     "RowParam",
+    "RowParams",
+    "SAMPLING_ROW_NAMES",
+    "SEED_ROW_NAMES",
     "SAMPLING_DTYPES",
     "MAX_VOCAB",
     "check_logits",
     "check_mixture_logits",
     "sampling_params",
     "seed_param",
+    "sampling_row_params",
+    "seed_row_params",
     "check_weights",
     "check_batch",
 ]
@@ -38,6 +44,59 @@ _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 class RowParam(NamedTuple):
     tensor: torch.Tensor | None  # [B] view (possibly stride 0) or None
     scalar: float | int  # used when tensor is None
+
+    def value(self) -> torch.Tensor | float | int:
+        """The tensor, or the scalar where there is none (what the torch references take)."""
+        return self.tensor if self.tensor is not None else self.scalar
+
+    def kernel_args(self, dummy: torch.Tensor) -> tuple:
+        """(pointer, row stride, scalar) as the Triton kernels take a row parameter; `dummy`
+        stands in for the pointer of an absent tensor (never read: its HAS_* flag is False)."""
+        if self.tensor is None:
+            return dummy, 0, self.scalar
+        return self.tensor, self.tensor.stride(0), self.scalar
+
+
+# The per-row parameters in the order of the op schemas (me_kernels._ops.SCHEMAS), and the
+# suffix of each one's HAS_* flag in the Triton kernels.
+SAMPLING_ROW_NAMES = ("temperature", "top_k", "top_p", "min_p", "seed", "offset")
+SEED_ROW_NAMES = ("seed", "offset")
+_FLAG = {"temperature": "TEMP", "top_k": "TOPK", "top_p": "TOPP", "min_p": "MINP", "seed": "SEED", "offset": "OFF"}
+
+
+class RowParams:
+    """The per-row parameters of one call, by name, in schema order: the one place that turns
+    them into op arguments, kernel arguments and reference keyword arguments."""
+
+    def __init__(self, **params: RowParam):
+        self.params = params
+
+    @classmethod
+    def from_flat(cls, names: tuple[str, ...], flat) -> "RowParams":
+        """From the (tensor, scalar) pairs of an op call, in the order of `names`."""
+        flat = tuple(flat)
+        if len(flat) != 2 * len(names):
+            raise TypeError(f"expected {2 * len(names)} row arguments ({', '.join(names)}), got {len(flat)}")
+        return cls(**{n: RowParam(flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(names)})
+
+    def __getitem__(self, name: str) -> RowParam:
+        return self.params[name]
+
+    def flat(self) -> tuple:
+        """(tensor or None, scalar) pairs in order: the op schemas' row arguments."""
+        return tuple(x for p in self.params.values() for x in p)
+
+    def values(self) -> dict:
+        """name -> tensor or scalar: keyword arguments of the torch references."""
+        return {n: p.value() for n, p in self.params.items()}
+
+    def kernel_args(self, dummy: torch.Tensor) -> tuple:
+        """(pointer, stride, scalar) triples in order: the Triton kernels' row arguments."""
+        return tuple(x for p in self.params.values() for x in p.kernel_args(dummy))
+
+    def has_flags(self) -> dict:
+        """HAS_<NAME> constexpr flags of the Triton kernels: which parameters are tensors."""
+        return {f"HAS_{_FLAG[n]}": p.tensor is not None for n, p in self.params.items()}
 
 
 def _type_name(x) -> str:
@@ -97,35 +156,30 @@ def _row_tensor(t: torch.Tensor, name: str, batch: int, device: torch.device) ->
     return t
 
 
-def _range_text(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
-    return f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether argument values are checked on the host: for CPU tensors (reading them costs no
+    device sync), except while torch.compile traces a call (a value-dependent branch would break
+    the graph; the kernels then treat bad rows as on CUDA: they yield -1)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _float_param(value, name, batch, device, lo, hi, lo_open, hi_open) -> RowParam:
-    def in_range(x: float) -> bool:
-        if math.isnan(x):
-            return False
-        ok_lo = x > lo if lo_open else x >= lo
-        ok_hi = x < hi if hi_open else x <= hi
-        return ok_lo and ok_hi
-
-    text = _range_text(lo, hi, lo_open, hi_open)
+def _float_param(value, rule: FloatRange, batch, device) -> RowParam:
+    """Float row parameter in `rule`'s range: a Python real (me_kernels.params' rule) or a float
+    tensor [B] (the same range, checked on the values of CPU tensors)."""
+    name = rule.name
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
         t = _row_tensor(value, name, batch, device)
-        if t.device.type == "cpu" and t.numel() > 0:
-            bad = torch.isnan(t) | ~((t > lo) if lo_open else (t >= lo)) | ~((t < hi) if hi_open else (t <= hi))
+        if _values_readable(t) and t.numel() > 0:
+            lo_ok = (t > rule.lo) if rule.lo_open else (t >= rule.lo)
+            hi_ok = (t < rule.hi) if rule.hi_open else (t <= rule.hi)
+            bad = torch.isnan(t) | ~lo_ok | ~hi_ok
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
-                raise ValueError(f"{name}[{row}] = {float(t[row])} is outside the allowed range {text}")
+                raise ValueError(f"{name}[{row}] = {float(t[row])} is outside the allowed range {rule.text()}")
         return RowParam(t.to(torch.float32), 0.0)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or a tensor of shape [B], got {_type_name(value)}")
-    x = float(value)
-    if not in_range(x):
-        raise ValueError(f"{name} must be in {text}, got {value}")
-    return RowParam(None, x)
+    return RowParam(None, check_float(rule, value))
 
 
 def _int_param(value, name, batch, device, lo) -> RowParam:
@@ -134,36 +188,31 @@ def _int_param(value, name, batch, device, lo) -> RowParam:
         if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
         t = _row_tensor(value, name, batch, device)
-        if t.device.type == "cpu" and t.numel() > 0:
+        if _values_readable(t) and t.numel() > 0:
             bad = t < lo
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
                 raise ValueError(f"{name}[{row}] = {int(t[row])} is outside the allowed range [{lo}, inf)")
         return RowParam(t, 0)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int or an integer tensor of shape [B], got {_type_name(value)}")
-    v = int(value)
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return RowParam(None, v)
+    return RowParam(None, check_int(value, name, lo))
 
 
 def sampling_params(batch: int, device: torch.device, temperature, top_k, top_p, min_p):
-    """Checks and normalises (temperature, top_k, top_p, min_p).
-
-    temperature >= 0 and not NaN (0 = greedy, inf = uniform over the kept set); top_k >= 0
-    (0 = off); top_p in (0, 1] (1 = off); min_p in [0, 1] (0 = off).
+    """Checks and normalises (temperature, top_k, top_p, min_p) with the rules of
+    me_kernels.params (the same as SamplingParams): temperature in [0, inf] (0 = greedy, inf =
+    uniform over the kept set); top_k >= 0 (0 = off); top_p in (0, 1] (1 = off); min_p in [0, 1]
+    (0 = off); NaN nowhere.
     Returns RowParams; top_k's tensor is int32 (values above 2**31 - 1 are clamped, which keeps
     every token, exactly as any k >= V does).
     """
-    temp = _float_param(temperature, "temperature", batch, device, 0.0, math.inf, False, False)
-    k = _int_param(top_k, "top_k", batch, device, 0)
+    temp = _float_param(temperature, TEMPERATURE, batch, device)
+    k = _int_param(top_k, "top_k", batch, device, TOP_K_MIN)
     if k.tensor is not None:
         k = RowParam(k.tensor.clamp(max=(1 << 31) - 1).to(torch.int32), 0)
     else:
         k = RowParam(None, min(k.scalar, (1 << 31) - 1))
-    p = _float_param(top_p, "top_p", batch, device, 0.0, 1.0, True, False)
-    mp = _float_param(min_p, "min_p", batch, device, 0.0, 1.0, False, False)
+    p = _float_param(top_p, TOP_P, batch, device)
+    mp = _float_param(min_p, MIN_P, batch, device)
     return temp, k, p, mp
 
 
@@ -183,6 +232,19 @@ def seed_param(value, name: str, batch: int, device: torch.device) -> RowParam:
     if v >= 1 << 63:
         v -= 1 << 64
     return RowParam(None, v)
+
+
+def sampling_row_params(batch: int, device: torch.device, *, temperature, top_k, top_p, min_p, seed,
+                        offset) -> RowParams:
+    """Checks and normalises the six per-row parameters of sample / me_step / mixture_sample."""
+    temp, k, p, mp = sampling_params(batch, device, temperature, top_k, top_p, min_p)
+    return RowParams(temperature=temp, top_k=k, top_p=p, min_p=mp, seed=seed_param(seed, "seed", batch, device),
+                     offset=seed_param(offset, "offset", batch, device))
+
+
+def seed_row_params(batch: int, device: torch.device, *, seed, offset) -> RowParams:
+    """Checks and normalises the per-row seed / offset of select_members."""
+    return RowParams(seed=seed_param(seed, "seed", batch, device), offset=seed_param(offset, "offset", batch, device))
 
 
 def check_weights(weights, name: str, device: torch.device, num_members: int | None = None,
@@ -211,7 +273,7 @@ def check_weights(weights, name: str, device: torch.device, num_members: int | N
         raise ValueError(f"{name} has {m} member weights but there are {num_members} members")
     if weights.dim() == 2 and batch is not None and weights.shape[0] != batch:
         raise ValueError(f"{name} has {weights.shape[0]} rows but the batch has B={batch}")
-    if weights.device.type == "cpu":
+    if _values_readable(weights):
         w = weights.to(torch.float64)
         rows = w.reshape(-1, m)
         if bool(torch.isnan(rows).any()):

@@ -37,6 +37,12 @@ def group_rows(members: torch.Tensor, num_members: int) -> tuple[torch.Tensor, t
     Returns:
         order: int32 [T], row indices grouped by member (ascending within a member).
         offsets: int32 [M + 1]; member m's rows are order[offsets[m]:offsets[m + 1]].
+
+    Example::
+
+        >>> order, offsets = group_rows(torch.tensor([2, 0, 1, 2, 0], dtype=torch.int32), 3)
+        >>> order.tolist(), offsets.tolist()
+        ([1, 4, 2, 0, 3], [0, 2, 3, 5])
     """
     if not isinstance(num_members, int) or isinstance(num_members, bool) or num_members < 1:
         raise ValueError(f"num_members must be an int >= 1, got {num_members!r}")
@@ -62,6 +68,11 @@ def grouped_linear(
     read once), members with more rows a tensor-core GEMM path; members no row chose are not read.
     fp32 runs on tensor cores as 3xTF32 (error close to fp32 FMA, not bit-identical). A weight or
     bias that is not contiguous, or an x whose rows are not contiguous, is copied once per call.
+
+    Example::
+
+        >>> weight = torch.stack([m.q_proj.weight for m in member_layers])   # [M, N, K]
+        >>> q = grouped_linear(hidden, members, weight)                       # [T, N], row t on members[t]
     """
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):

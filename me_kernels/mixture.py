@@ -15,7 +15,7 @@ Two launches, no [M, B, V] intermediate:
    the GPU at any batch size.
 2. `_mixture_sample_kernel`, grid (B,): merges the partials into per-member constants
    c_m = log wbar_m - lse_m (in registers), then runs the same row pipeline as `sample`
-   (me_kernels.sampling) with its values computed on the fly from the M member rows:
+   (me_kernels._rows) with its values computed on the fly from the M member rows:
    x_i = log sum_m exp(l_mi + c_m) (a max-shifted log-sum-exp over members). The mixture is
    never materialised: every pass of the pipeline reads the M rows (only the sub-blocks it
    needs, as in `sample`). `_mixture_logprobs_kernel`, grid (B, chunks), writes x instead.
@@ -31,14 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import _ops
 from ._dispatch import eager, on_device, use_triton
 from ._random import STREAM_MIXTURE
-from ._validate import RowParam, check_mixture_logits, check_weights, sampling_params, seed_param
-from .sampling import NEG_INF, POS_INF, _load_raw, _row_param, _sample_row, _tile_offsets, _values, block_config, \
-    scratch_for
+from ._row_passes import NEG_INF, POS_INF, load_raw, row_param, tile_offsets, values
+from ._rows import block_config, sample_row, scratch_for
+from ._validate import SAMPLING_ROW_NAMES, RowParams, check_mixture_logits, check_weights, sampling_row_params
 
-__all__ = ["mixture_logprobs", "mixture_sample"]
+__all__ = ["mixture_logprobs", "mixture_sample", "mixture_sample_thresholds"]
 
 _MIXTURE_STREAM = tl.constexpr(STREAM_MIXTURE)
 _FIELDS = tl.constexpr(5)  # per (row, chunk, member): max, sum exp(l - max), #NaN, #+inf, #finite
@@ -65,8 +65,8 @@ def _mixture_partials_kernel(
     t = chunk * tiles_per_chunk
     t_end = t + tiles_per_chunk
     while t < t_end:  # a while loop: the interpreter cannot range() over runtime scalars
-        offs = _tile_offsets(t * BLOCK, NSUB, SUB)
-        lm = _load_raw(src, stride_lm, stride_lv, offs, offs < V, live, M, 1, MIX_PAD).to(tl.float32)
+        offs = tile_offsets(t * BLOCK, NSUB, SUB)
+        lm = load_raw(src, stride_lm, stride_lv, offs, offs < V, live, M, 1, MIX_PAD).to(tl.float32)
         fin = (lm > NEG_INF) & (lm < POS_INF)
         n_nan += tl.sum(tl.sum((lm != lm).to(tl.float32), 2), 1)
         n_pinf += tl.sum(tl.sum((lm == POS_INF).to(tl.float32), 2), 1)
@@ -132,8 +132,8 @@ def _mixture_logprobs_kernel(
     t = chunk * tiles_per_chunk
     t_end = t + tiles_per_chunk
     while t < t_end:  # a while loop: the interpreter cannot range() over runtime scalars
-        offs = _tile_offsets(t * BLOCK, NSUB, SUB)
-        x = _values(_load_raw(src, stride_lm, stride_lv, offs, offs < V, c, M, 1, MIX_PAD), c, pinf, 1)
+        offs = tile_offsets(t * BLOCK, NSUB, SUB)
+        x = values(load_raw(src, stride_lm, stride_lv, offs, offs < V, c, M, 1, MIX_PAD), c, pinf, 1)
         x = tl.where(row_ok, x, float("nan"))
         tl.store(out_ptr + row * stride_ob + offs, x, mask=offs < V)
         t += 1
@@ -157,14 +157,14 @@ def _mixture_sample_kernel(
     NSUB: tl.constexpr, SUB: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    temp = _row_param(temp_ptr, stride_temp, temp_s, row, HAS_TEMP, tl.float32)
-    top_k = _row_param(topk_ptr, stride_topk, topk_s, row, HAS_TOPK, tl.int32)
-    top_p = _row_param(topp_ptr, stride_topp, topp_s, row, HAS_TOPP, tl.float32)
-    min_p = _row_param(minp_ptr, stride_minp, minp_s, row, HAS_MINP, tl.float32)
-    seed = _row_param(seed_ptr, stride_seed, seed_s, row, HAS_SEED, tl.int64)
-    offset = _row_param(off_ptr, stride_off, off_s, row, HAS_OFF, tl.int64)
+    temp = row_param(temp_ptr, stride_temp, temp_s, row, HAS_TEMP, tl.float32)
+    top_k = row_param(topk_ptr, stride_topk, topk_s, row, HAS_TOPK, tl.int32)
+    top_p = row_param(topp_ptr, stride_topp, topp_s, row, HAS_TOPP, tl.float32)
+    min_p = row_param(minp_ptr, stride_minp, minp_s, row, HAS_MINP, tl.float32)
+    seed = row_param(seed_ptr, stride_seed, seed_s, row, HAS_SEED, tl.int64)
+    offset = row_param(off_ptr, stride_off, off_s, row, HAS_OFF, tl.int64)
     c, pinf, row_ok = _mixture_constants(part_ptr, row, n_chunks, w_ptr, stride_wb, stride_wm, M, MIX_PAD, CH_PAD)
-    token, tau_k, tau_p, passes = _sample_row(
+    token, tau_k, tau_p, passes = sample_row(
         logits_ptr + row * stride_lb, stride_lm, stride_lv, V, c, pinf, M,
         submax_ptr + row * n_sub, tilemax_ptr + row * n_tiles, cand_v_ptr + row * CAP, cand_i_ptr + row * CAP,
         temp, top_k, top_p, min_p, seed, offset, row_ok,
@@ -230,7 +230,8 @@ def _launch_logprobs(logits, weights):
     return out
 
 
-def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, offset, debug=None, cap=None):
+def _launch_mixture_sample(logits: torch.Tensor, weights: torch.Tensor, rows: RowParams,
+                           debug: torch.Tensor | None = None, cap: int | None = None) -> torch.Tensor:
     num_members, batch, vocab = logits.shape
     device = logits.device
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
@@ -244,21 +245,14 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
         cfg = {**cfg, "NSUB": 8, "num_warps": 8}
     submax, tilemax, cand_v, cand_i = scratch_for(batch, vocab, cfg, device)
     dummy = tokens
-
-    def tensor_args(param):
-        t, s = param
-        return (t if t is not None else dummy, t.stride(0) if t is not None else 0, s)
-
     with on_device(device):
         _mixture_sample_kernel[(batch,)](
             logits, logits.stride(0), logits.stride(1), logits.stride(2), vocab, num_members,
             weights, weights.stride(0) if weights.dim() == 2 else 0, weights.stride(-1), part, n_chunks,
-            *tensor_args(temp), *tensor_args(top_k), *tensor_args(top_p), *tensor_args(min_p),
-            *tensor_args(seed), *tensor_args(offset),
+            *rows.kernel_args(dummy),
             tokens, submax, submax.shape[1], tilemax, tilemax.shape[1], cand_v, cand_i,
             debug if debug is not None else dummy, int(debug is not None),
-            HAS_TEMP=temp.tensor is not None, HAS_TOPK=top_k.tensor is not None, HAS_TOPP=top_p.tensor is not None,
-            HAS_MINP=min_p.tensor is not None, HAS_SEED=seed.tensor is not None, HAS_OFF=offset.tensor is not None,
+            **rows.has_flags(),
             MIX_PAD=mix_pad, CH_PAD=_MAX_CHUNKS,
             NSUB=cfg["NSUB"], SUB=cfg["SUB"], P=cfg["P"], CAP=cfg["CAP"], num_warps=cfg["num_warps"],
         )
@@ -266,49 +260,23 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
 
 
 # --------------------------------------------------------------------------------------------
-# Registered ops
+# Registered ops: the CUDA implementations of me::mixture_logprobs and me::mixture_sample (CPU:
+# me_kernels._ops)
 # --------------------------------------------------------------------------------------------
 
 
-def _mixture_logprobs_impl(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    if use_triton(logits.device):
-        return _launch_logprobs(logits, weights)
-    return reference.mixture_logprobs_reference(logits, weights)
+def _mixture_logprobs_cuda(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    use_triton(logits.device)  # raises if the kernels were imported for the interpreter
+    return _launch_logprobs(logits, weights)
 
 
-_mixture_logprobs_op = torch.library.custom_op("me::mixture_logprobs", _mixture_logprobs_impl, mutates_args=())
+def _mixture_sample_cuda(logits: torch.Tensor, weights: torch.Tensor, *row) -> torch.Tensor:
+    use_triton(logits.device)
+    return _launch_mixture_sample(logits, weights, RowParams.from_flat(SAMPLING_ROW_NAMES, row))
 
 
-@_mixture_logprobs_op.register_fake
-def _(logits, weights):
-    return logits.new_empty((logits.shape[1], logits.shape[2]), dtype=torch.float32)
-
-
-def _mixture_sample_impl(
-    logits: torch.Tensor, weights: torch.Tensor,
-    temp_t: torch.Tensor | None, temp_s: float, topk_t: torch.Tensor | None, topk_s: int,
-    topp_t: torch.Tensor | None, topp_s: float, minp_t: torch.Tensor | None, minp_s: float,
-    seed_t: torch.Tensor | None, seed_s: int, off_t: torch.Tensor | None, off_s: int,
-) -> torch.Tensor:
-    if use_triton(logits.device):
-        return _launch_mixture_sample(logits, weights, RowParam(temp_t, temp_s), RowParam(topk_t, topk_s),
-                                      RowParam(topp_t, topp_s), RowParam(minp_t, minp_s), RowParam(seed_t, seed_s),
-                                      RowParam(off_t, off_s))
-
-    def pick(t, s):
-        return t if t is not None else s
-
-    return reference.mixture_sample_reference(
-        logits, weights, temperature=pick(temp_t, temp_s), top_k=pick(topk_t, topk_s), top_p=pick(topp_t, topp_s),
-        min_p=pick(minp_t, minp_s), seed=pick(seed_t, seed_s), offset=pick(off_t, off_s))
-
-
-_mixture_sample_op = torch.library.custom_op("me::mixture_sample", _mixture_sample_impl, mutates_args=())
-
-
-@_mixture_sample_op.register_fake
-def _(logits, weights, *args):
-    return logits.new_empty((logits.shape[1],), dtype=torch.int64)
+_ops.register_cuda("mixture_logprobs", _mixture_logprobs_cuda)
+_ops.register_cuda("mixture_sample", _mixture_sample_cuda)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,13 +284,13 @@ def _(logits, weights, *args):
 # --------------------------------------------------------------------------------------------
 
 
-def _checked(logits, weights):
+def _checked(logits: torch.Tensor, weights) -> tuple[int, torch.Tensor]:
     num_members, batch, _ = check_mixture_logits(logits)
     weights = check_weights(weights, "weights", logits.device, num_members=num_members, batch=batch)
     return batch, weights
 
 
-def mixture_logprobs(logits, weights) -> torch.Tensor:
+def mixture_logprobs(logits: torch.Tensor, weights: torch.Tensor | list[float]) -> torch.Tensor:
     """log sum_m wbar_m softmax(logits[m]) for every row: the CE distribution, as log-probabilities.
 
     Args:
@@ -334,24 +302,28 @@ def mixture_logprobs(logits, weights) -> torch.Tensor:
         NaN if its weights are bad or a member of positive weight has a NaN or no logit above
         -inf. Members of zero weight are ignored; +inf logits of a member make it uniform over
         its +inf entries.
+
+    Example::
+
+        >>> stacked = torch.stack([m(ids).logits[:, -1] for m in members])   # [M, B, V]
+        >>> logq = mixture_logprobs(stacked, torch.tensor([0.5, 0.3, 0.2]))   # float32 [B, V]
+        >>> score += logq.gather(1, next_ids[:, None])[:, 0]                  # exact CE log-likelihood
     """
     _, weights = _checked(logits, weights)
-    if eager():
-        return _mixture_logprobs_impl(logits, weights)
+    if eager() and use_triton(logits.device):
+        return _launch_logprobs(logits, weights)
     return torch.ops.me.mixture_logprobs(logits, weights)
 
 
-def _flat(logits, batch, temperature, top_k, top_p, min_p, seed, offset):
-    device = logits.device
-    temp, k, p, mp = sampling_params(batch, device, temperature, top_k, top_p, min_p)
-    sd = seed_param(seed, "seed", batch, device)
-    off = seed_param(offset, "offset", batch, device)
-    return (temp.tensor, temp.scalar, k.tensor, k.scalar, p.tensor, p.scalar, mp.tensor, mp.scalar,
-            sd.tensor, sd.scalar, off.tensor, off.scalar)
+def _row_params(logits: torch.Tensor, batch: int, temperature, top_k, top_p, min_p, seed, offset) -> RowParams:
+    return sampling_row_params(batch, logits.device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               seed=seed, offset=offset)
 
 
-def mixture_sample(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
-                   offset=0) -> torch.Tensor:
+def mixture_sample(logits: torch.Tensor, weights: torch.Tensor | list[float], *,
+                   temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+                   top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
+                   seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """The CE step: sample from the mixture of the members' softmaxes, transforms applied to the mixture.
 
     Args:
@@ -363,24 +335,36 @@ def mixture_sample(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_
     Returns:
         int64 [B]; -1 for a row whose mixture is undefined (see `mixture_logprobs`) or with a bad
         device parameter.
+
+    Example::
+
+        >>> stacked = torch.stack([m(ids).logits[:, -1] for m in members])   # [M, B, V]
+        >>> tokens = mixture_sample(stacked, weights, top_p=0.9, seed=seeds, offset=step)  # int64 [B]
     """
     batch, weights = _checked(logits, weights)
-    flat = _flat(logits, batch, temperature, top_k, top_p, min_p, seed, offset)
-    if eager():
-        return _mixture_sample_impl(logits, weights, *flat)
-    return torch.ops.me.mixture_sample(logits, weights, *flat)
+    rows = _row_params(logits, batch, temperature, top_k, top_p, min_p, seed, offset)
+    if eager() and use_triton(logits.device):
+        return _launch_mixture_sample(logits, weights, rows)
+    return torch.ops.me.mixture_sample(logits, weights, *rows.flat())
 
 
-def mixture_sample_thresholds(logits, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
-                              cap=None):
-    """Debug entry of the Triton kernel, as `me_kernels.sampling.sample_thresholds` (the kept set
-    is a threshold on mixture_logprobs(logits, weights))."""
+def mixture_sample_thresholds(logits: torch.Tensor, weights: torch.Tensor | list[float], *,
+                              temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+                              top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0,
+                              seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0,
+                              cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Debug entry of the Triton kernel, as `me_kernels.sample_thresholds`: (tokens int64 [B],
+    info float32 [B, 4]), the kept set being a threshold on mixture_logprobs(logits, weights).
+
+    Example::
+
+        >>> tokens, info = mixture_sample_thresholds(stacked, weights, top_p=0.9, seed=seeds)
+        >>> info[:, 1]                                            # tau_p on log q, per row
+    """
     batch, weights = _checked(logits, weights)
-    t = _flat(logits, batch, temperature, top_k, top_p, min_p, seed, offset)
+    rows = _row_params(logits, batch, temperature, top_k, top_p, min_p, seed, offset)
     if not use_triton(logits.device):
         raise RuntimeError("mixture_sample_thresholds runs the Triton kernel: use CUDA tensors or TRITON_INTERPRET=1")
     info = torch.zeros((batch, 4), dtype=torch.float32, device=logits.device)
-    tokens = _launch_mixture_sample(logits, weights, RowParam(t[0], t[1]), RowParam(t[2], t[3]), RowParam(t[4], t[5]),
-                                    RowParam(t[6], t[7]), RowParam(t[8], t[9]), RowParam(t[10], t[11]), debug=info,
-                                    cap=cap)
+    tokens = _launch_mixture_sample(logits, weights, rows, debug=info, cap=cap)
     return tokens, info

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._philox import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN, gumbel_torch
+
 # --------------------------------------------------------------------------------------------
 # Grouped linear (rows routed to members' weights)
 # --------------------------------------------------------------------------------------------
@@ -179,10 +181,8 @@ def kept_mask_reference(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p
     return kept & ~(invalid | bad)[:, None]
 
 
-def _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset, stream):
+def _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset, stream, uniforms):
     """Shared tail of sample / mixture_sample references: x fp32 [B, V] (+inf remapped)."""
-    from ._random import gumbel_torch
-
     batch, vocab = x.shape
     temp, k, p, mp, bad = _sampling_rows(batch, x.device, temperature, top_k, top_p, min_p)
     # Host-known parameters that switch top-k and top-p off need no sort (the CPU path's plain
@@ -190,7 +190,7 @@ def _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset
     no_sort = not isinstance(top_k, torch.Tensor) and top_k == 0 and not isinstance(top_p, torch.Tensor) and top_p >= 1
     th = sampling_thresholds_reference(x, temp.clamp(min=0).nan_to_num(0.0), k.clamp(min=0),
                                        p.nan_to_num(1.0), mp.nan_to_num(0.0), sort=not no_sort)
-    g = gumbel_torch(_row_seeds(seed, batch, x.device), _row_seeds(offset, batch, x.device), stream, vocab)
+    g = gumbel_torch(_row_seeds(seed, batch, x.device), _row_seeds(offset, batch, x.device), stream, vocab, uniforms)
     score = (x - th["m"][:, None]) * th["inv_t"][:, None] + g
     score = torch.where(th["kept"], score, torch.full_like(score, float("-inf")))
     token = score.argmax(dim=1)
@@ -199,19 +199,19 @@ def _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset
 
 
 def sample_reference(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
-                     offset=0, stream: int | None = None) -> torch.Tensor:
+                     offset=0, stream: int | None = None, uniforms=None) -> torch.Tensor:
     """Sort-based reference of me_kernels.sample: int64 [B] (see the semantics above).
 
     Vectorised over the batch (no Python loop over rows): this is also the CPU path. `stream`
-    defaults to the token stream of `sample`.
+    defaults to the token stream of `sample`. `uniforms(seed, offset, stream, n)` computes the
+    Philox uniforms (default: me_kernels._philox.philox_uniforms_torch; any replacement must
+    draw the same numbers, like the compiled CPU helper the registered CPU op passes).
     """
-    from ._random import STREAM_TOKEN
-
     if logits.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     x, invalid, _ = _prepare_rows(logits.to(torch.float32))
     return _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset,
-                             STREAM_TOKEN if stream is None else stream)
+                             STREAM_TOKEN if stream is None else stream, uniforms)
 
 
 def _weight_rows(weights: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,16 +223,17 @@ def _weight_rows(weights: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch
     return w, bad
 
 
-def select_members_reference(weights: torch.Tensor, *, seed=0, offset=0, batch: int | None = None) -> torch.Tensor:
+def select_members_reference(weights: torch.Tensor, *, seed=0, offset=0, batch: int | None = None,
+                             uniforms=None) -> torch.Tensor:
     """Reference of me_kernels.select_members: int32 [B], argmax_m log w_m + G_m in Philox stream
-    STREAM_MEMBER; -1 for a bad weight row (NaN, negative, infinite, all zero)."""
-    from ._random import STREAM_MEMBER, gumbel_torch
-
+    STREAM_MEMBER; -1 for a bad weight row (NaN, negative, infinite, all zero). `uniforms`: as
+    for `sample_reference`."""
     b = weights.shape[0] if weights.dim() == 2 else int(batch)
     w, bad = _weight_rows(weights, b)
     if b == 0:
         return torch.empty(0, dtype=torch.int32, device=weights.device)
-    g = gumbel_torch(_row_seeds(seed, b, w.device), _row_seeds(offset, b, w.device), STREAM_MEMBER, w.shape[1])
+    g = gumbel_torch(_row_seeds(seed, b, w.device), _row_seeds(offset, b, w.device), STREAM_MEMBER, w.shape[1],
+                     uniforms)
     score = torch.where(w > 0, torch.log(w) + g, torch.full_like(g, float("-inf")))
     j = score.argmax(dim=1)
     return torch.where(bad, torch.full_like(j, -1), j).to(torch.int32)
@@ -264,36 +265,36 @@ def mixture_logprobs_reference(logits: torch.Tensor, weights: torch.Tensor) -> t
 
 
 def mixture_sample_reference(logits: torch.Tensor, weights: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
-                             min_p=0.0, seed=0, offset=0) -> torch.Tensor:
+                             min_p=0.0, seed=0, offset=0, uniforms=None) -> torch.Tensor:
     """Reference of me_kernels.mixture_sample: the transforms applied to the mixture
     log-probabilities, then a draw in Philox stream STREAM_MIXTURE. int64 [B]; -1 for rows whose
-    mixture is NaN (bad weights or a bad member row)."""
-    from ._random import STREAM_MIXTURE
-
+    mixture is NaN (bad weights or a bad member row). `uniforms`: as for `sample_reference`."""
     x = mixture_logprobs_reference(logits, weights)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     invalid = torch.isnan(x).any(dim=1)
     x = torch.where(invalid[:, None], torch.full_like(x, float("-inf")), x)
     invalid = invalid | ~(x > float("-inf")).any(dim=1)
-    return _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset, STREAM_MIXTURE)
+    return _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset, STREAM_MIXTURE,
+                             uniforms)
 
 
 def me_step_reference(logits: torch.Tensor, weights: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
-                      min_p=0.0, seed=0, offset=0, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      min_p=0.0, seed=0, offset=0, shared: bool = False,
+                      uniforms=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of me_kernels.me_step: (sample(logits, ..., seed, offset),
     select_members(weights, seed, offset + 1)); with shared=True row 0's weights, seed and offset
-    draw one member for every row."""
+    draw one member for every row. `uniforms`: as for `sample_reference`."""
     batch = logits.shape[0]
     tokens = sample_reference(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              seed=seed, offset=offset)
+                              seed=seed, offset=offset, uniforms=uniforms)
     seeds = _row_seeds(seed, batch, logits.device)
     offsets = _row_seeds(offset, batch, logits.device) + 1
     if not shared:
-        members = select_members_reference(weights, seed=seeds, offset=offsets, batch=batch)
+        members = select_members_reference(weights, seed=seeds, offset=offsets, batch=batch, uniforms=uniforms)
         return tokens, members
     if batch == 0:
         return tokens, torch.empty(0, dtype=torch.int32, device=logits.device)
     w0 = weights[0] if weights.dim() == 2 else weights
-    one = select_members_reference(w0, seed=seeds[:1], offset=offsets[:1], batch=1)
+    one = select_members_reference(w0, seed=seeds[:1], offset=offsets[:1], batch=1, uniforms=uniforms)
     return tokens, one.expand(batch).clone()

@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import _ops
 from ._dispatch import eager, on_device, use_triton
 from ._random import STREAM_MEMBER, gumbel_at
-from ._validate import check_batch, check_weights, seed_param
+from ._validate import SEED_ROW_NAMES, RowParams, check_batch, check_weights, seed_row_params
 
 __all__ = ["select_members", "draw_members"]
 
@@ -74,7 +74,7 @@ def _select_members_kernel(
     tl.store(out_ptr + rows, j, mask=rmask)
 
 
-def _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch):
+def _launch_select_members(weights: torch.Tensor, rows: RowParams, batch: int) -> torch.Tensor:
     m = weights.shape[-1]
     out = torch.empty(batch, dtype=torch.int32, device=weights.device)
     if batch == 0:
@@ -84,38 +84,29 @@ def _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch):
     # Two row-block classes only: each distinct BLOCK_B is another compilation.
     block_b = max(1, min(16 if batch <= 16 else 128, 4096 // m_pad))
     grid = (triton.cdiv(batch, block_b),)
+    dummy = out
     with on_device(weights.device):
         _select_members_kernel[grid](
             weights, stride_wb, weights.stride(-1), m, batch,
-            seed_t if seed_t is not None else out, seed_t.stride(0) if seed_t is not None else 0, seed_s,
-            off_t if off_t is not None else out, off_t.stride(0) if off_t is not None else 0, off_s,
+            *rows.kernel_args(dummy),
             out,
-            HAS_SEED=seed_t is not None, HAS_OFF=off_t is not None,
+            **rows.has_flags(),
             M_PAD=m_pad, BLOCK_B=block_b, num_warps=4,
         )
     return out
 
 
-def _select_members_impl(
-    weights: torch.Tensor, seed_t: torch.Tensor | None, seed_s: int, off_t: torch.Tensor | None, off_s: int,
-    batch: int,
-) -> torch.Tensor:
-    if use_triton(weights.device):
-        return _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch)
-    seed = seed_t if seed_t is not None else seed_s
-    offset = off_t if off_t is not None else off_s
-    return reference.select_members_reference(weights, seed=seed, offset=offset, batch=batch)
+# The CUDA implementation of me::select_members (CPU: me_kernels._ops).
+def _select_members_cuda(weights: torch.Tensor, seed_t: torch.Tensor | None, seed_s: int, off_t: torch.Tensor | None,
+                         off_s: int, batch: int) -> torch.Tensor:
+    use_triton(weights.device)  # raises if the kernels were imported for the interpreter
+    return _launch_select_members(weights, RowParams.from_flat(SEED_ROW_NAMES, (seed_t, seed_s, off_t, off_s)), batch)
 
 
-_select_members_op = torch.library.custom_op("me::select_members", _select_members_impl, mutates_args=())
+_ops.register_cuda("select_members", _select_members_cuda)
 
 
-@_select_members_op.register_fake
-def _(weights, seed_t, seed_s, off_t, off_s, batch):
-    return weights.new_empty((batch,), dtype=torch.int32)
-
-
-def _infer_batch(weights: torch.Tensor, batch, seed, offset) -> int:
+def _infer_batch(weights: torch.Tensor, batch: int | None, seed, offset) -> int:
     if weights.dim() == 2:
         b = weights.shape[0]
         if batch is not None and check_batch(batch) != b:
@@ -129,7 +120,8 @@ def _infer_batch(weights: torch.Tensor, batch, seed, offset) -> int:
     raise ValueError("weights has shape [M]: pass batch=B (or per-row seed/offset tensors of shape [B])")
 
 
-def select_members(weights, *, seed=0, offset=0, batch=None) -> torch.Tensor:
+def select_members(weights: torch.Tensor | list[float], *, seed: int | torch.Tensor = 0,
+                   offset: int | torch.Tensor = 0, batch: int | None = None) -> torch.Tensor:
     """Draw one member per row: z_b ~ Categorical(weights_b / sum(weights_b)).
 
     Args:
@@ -144,6 +136,11 @@ def select_members(weights, *, seed=0, offset=0, batch=None) -> torch.Tensor:
         batch: B when weights is [M] (may be omitted if seed/offset are [B] tensors).
     Returns:
         int32 [B] member ids in [0, M) (-1 for a bad device weight row).
+
+    Example::
+
+        >>> select_members([0.5, 0.3, 0.2], seed=torch.arange(4), offset=0)   # int32 [4]
+        >>> select_members(torch.tensor([[1.0, 0.0], [0.2, 0.8]]), seed=7)      # row 0: member 0
     """
     device = weights.device if isinstance(weights, torch.Tensor) else torch.device("cpu")
     if isinstance(weights, torch.Tensor) and weights.device.type == "cpu":
@@ -152,8 +149,7 @@ def select_members(weights, *, seed=0, offset=0, batch=None) -> torch.Tensor:
                 device = t.device  # host weights with device seeds: run on the seeds' device
     weights = check_weights(weights, "weights", device)
     b = _infer_batch(weights, batch, seed, offset)
-    seed_t, seed_s = seed_param(seed, "seed", b, device)
-    off_t, off_s = seed_param(offset, "offset", b, device)
-    if eager():
-        return _select_members_impl(weights, seed_t, seed_s, off_t, off_s, b)
-    return torch.ops.me.select_members(weights, seed_t, seed_s, off_t, off_s, b)
+    rows = seed_row_params(b, device, seed=seed, offset=offset)
+    if eager() and use_triton(device):
+        return _launch_select_members(weights, rows, b)
+    return torch.ops.me.select_members(weights, *rows.flat(), b)

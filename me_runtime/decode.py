@@ -29,19 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 import me_kernels
+from me_kernels import SamplingParams
 
 from .stopping import StopChecker
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-
-    def kwargs(self) -> dict:
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from me_kernels import reference as R
-from me_kernels._random import gumbel_torch
+from me_kernels._philox import gumbel_torch
 
 P_REJECT = 1e-4  # chi-square tests reject below this p-value (fixed seeds: deterministic)
 

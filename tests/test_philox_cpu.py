@@ -1,14 +1,14 @@
 """The C++ CPU Philox helper (torch.ops.me.philox_uniforms) draws exactly the numbers of the torch
-Philox in me_kernels._random (which the Triton kernels match), so the CPU reference path can use it."""
+Philox in me_kernels._philox (which the Triton kernels match), so the CPU reference path can use it."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import me_kernels
-from me_kernels._random import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
-from me_kernels._random import philox_uniforms_torch as uniforms_pure_torch
-from me_kernels._random import uniforms_torch
+from me_kernels._ops import uniforms_torch
+from me_kernels._philox import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
+from me_kernels._philox import philox_uniforms_torch as uniforms_pure_torch
 
 pytestmark = pytest.mark.skipif(not me_kernels.EXTENSION_LOADED, reason="needs me_kernels._C")
 

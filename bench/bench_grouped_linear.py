@@ -1,7 +1,7 @@
 """Microbenchmark of me_kernels.grouped_linear (issue 4) on the linear layers of real models.
 
-    pytest bench/bench_grouped.py --benchmark-enable --benchmark-json=out.json     # GPU
-    pytest bench/bench_grouped.py                                                   # CPU smoke
+    pytest bench/bench_grouped_linear.py --benchmark-enable --benchmark-json=out.json     # GPU
+    pytest bench/bench_grouped_linear.py                                                   # CPU smoke
 
 Cases: every distinct (N, K) linear shape of Qwen2.5-1.5B (hidden 1536, intermediate 8960, 12 q /
 2 kv heads of dim 128) and of a 7B Llama/Mistral (hidden 4096, intermediate 14336, 32 q / 8 kv

@@ -1,0 +1,90 @@
+"""The package's import graph (every import, function-local ones included) is acyclic, the
+extension loader is a leaf, and the torch reference depends only on torch-level helpers."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "me_kernels"
+ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+
+
+def _imports(module: str) -> tuple[set[str], set[str]]:
+    """(modules of the package it imports, top-level external packages it imports)."""
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    inner, outer = set(), set()
+
+    def add_package_module(name: str) -> None:
+        inner.add(name if name in MODULES else "__init__")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == PACKAGE:
+                    add_package_module(parts[1] if len(parts) > 1 else "__init__")
+                else:
+                    outer.add(parts[0])
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                parts = (node.module or "").split(".")
+                if parts[0] != PACKAGE:
+                    outer.add(parts[0])
+                    continue
+                base = parts[1:]
+            else:
+                assert node.level == 1, f"{module}: imports from outside the package by a relative path"
+                base = node.module.split(".") if node.module else []
+            if base:
+                add_package_module(base[0])
+            else:  # `from . import x`: x is a submodule or a name of the package's __init__
+                for alias in node.names:
+                    add_package_module(alias.name)
+    inner.discard(module)
+    return inner, outer
+
+
+GRAPH = {m: _imports(m)[0] for m in MODULES}
+
+
+def test_the_graph_is_read():
+    assert {"reference", "sampling", "_ops", "_extension"} <= set(MODULES)
+    assert "_rows" in GRAPH["sampling"] and "_rows" in GRAPH["mixture"]
+    assert GRAPH["__init__"] >= {"sampling", "mixture", "selection", "grouped", "reference"}
+
+
+def test_import_graph_is_acyclic():
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(GRAPH[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for m in MODULES:
+        if m not in state:
+            visit(m, [])
+
+
+def test_extension_loader_is_a_leaf():
+    assert GRAPH["_extension"] == set()
+
+
+@pytest.mark.parametrize("module", ["reference", "_philox"])
+def test_reference_is_plain_torch(module):
+    inner, outer = _imports(module)
+    assert inner <= {"_philox"}, inner  # no Triton, no compiled extension, no kernels
+    assert outer <= {"__future__", "torch", "math", "numbers", "typing"}, outer
+
+
+def test_no_module_imports_the_package_root():
+    offenders = [m for m, deps in GRAPH.items() if "__init__" in deps and m != "__init__"]
+    assert not offenders, offenders
