@@ -88,3 +88,60 @@ def test_reference_is_plain_torch(module):
 def test_no_module_imports_the_package_root():
     offenders = [m for m, deps in GRAPH.items() if "__init__" in deps and m != "__init__"]
     assert not offenders, offenders
+
+
+# ----------------------------------------------------------------------------- me_runtime
+RUNTIME_ROOT = Path(__file__).resolve().parents[1] / "me_runtime"
+
+
+def _runtime_module_name(path: Path) -> str:
+    parts = ["me_runtime", *path.relative_to(RUNTIME_ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1]) if parts[-1] == "__init__" else ".".join(parts)
+
+
+def _runtime_graph() -> dict[str, set[str]]:
+    """me_runtime's modules (subpackages included) -> the me_runtime modules they import
+    (function-local imports included; `from .x import y` counts as importing .x)."""
+    files = {_runtime_module_name(p): p for p in RUNTIME_ROOT.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            for target in targets:
+                while target and target not in files:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    deps.add(target)
+        graph[name] = deps
+    return graph
+
+
+def test_runtime_import_graph_is_acyclic():
+    graph = _runtime_graph()
+    assert {"me_runtime.ensemble", "me_runtime.decode", "me_runtime.stacked_engine", "me_runtime.demo.scores"} <= set(graph)
+    assert "me_runtime.decode" in graph["me_runtime.hf_engine"]
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                pytest.fail(f"import cycle: {' -> '.join(path[path.index(nxt):] + [node, nxt]) if nxt in path else node}")
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
