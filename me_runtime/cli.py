@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         counts = [gen.members.count(m) for m in range(ens.num_members)]
         print("--- tokens per member: " + ", ".join(f"{m}: {c}" for m, c in enumerate(counts)))
     print(f"--- speed: {args.method} {tps:.1f} tokens/s on {ens.device} (engine {ens.engine})")
+    mem = ens.memory_bytes()
+    cache = "" if mem["kv_cache"] is None else f", KV cache {mem['kv_cache'] / 2**20:.1f} MiB (preallocated)"
+    print(f"--- memory: weights {mem['weights'] / 2**20:.1f} MiB (held once){cache}")
     if args.compare and args.method != "ce":
         ce_gen, ce_tps = _timed_generate(ens, prompt, args, "ce")
         print(f"--- ce ({len(ce_gen.token_ids)} tokens, same prompt and seed)\n{prompt}{ce_gen.text}")

@@ -11,17 +11,15 @@ interrupted call leaves it usable too.
 """
 from __future__ import annotations
 
-import math
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-import me_kernels
 
-from .decode import SamplingParams, decode
+from .arguments import check_max_seq_len, check_sampling, check_seeds, check_weights, vocab_size
+from .decode import decode
 from .hf_engine import HFEngine
 from .stacked_engine import StackedEngine, check_supported
 from .stopping import StopChecker, eos_token_ids, normalize_stop
@@ -29,7 +27,7 @@ from .windows import default_max_length, default_prefix_token_id, rolling_pairs
 
 METHODS = ("me", "ce", "single")
 SELECTIONS = ("independent", "shared")
-_SEED_LIMIT = 2**63
+ENGINES = ("auto", "stacked", "hf")
 
 
 @dataclass
@@ -48,86 +46,6 @@ class Generation:
     token_ids: list[int]
     members: list[int]
     finish_reason: str
-
-
-def _vocab_size(model: torch.nn.Module) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.vocab_size)
-
-
-def _check_weights(weights, num_members: int) -> list[float]:
-    if weights is None:
-        return [1.0 / num_members] * num_members
-    if isinstance(weights, torch.Tensor):
-        weights = weights.detach().cpu().tolist()
-    if not isinstance(weights, (list, tuple)):
-        raise TypeError(f"weights must be a sequence of {num_members} numbers, got {type(weights).__name__}")
-    if len(weights) != num_members:
-        raise ValueError(f"weights has {len(weights)} entries but the ensemble has {num_members} members")
-    values = []
-    for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise TypeError(f"weights[{i}] must be a number, got {type(w).__name__}")
-        if math.isnan(w) or math.isinf(w) or w < 0:
-            raise ValueError(f"weights[{i}] = {w} must be finite and >= 0")
-        values.append(float(w))
-    total = sum(values)
-    if total <= 0:
-        raise ValueError("weights must not be all zero")
-    return [w / total for w in values]
-
-
-def _check_sampling(temperature, top_k, top_p, min_p) -> SamplingParams:
-    # One rule per argument, shared with me_kernels (temperature=inf is accepted: the limit,
-    # uniform over the kept set).
-    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-
-
-def _check_seeds(seed, count: int) -> list[int]:
-    if seed is None:
-        base = secrets.randbelow(_SEED_LIMIT - count)
-        return [base + i for i in range(count)]
-    if isinstance(seed, bool):
-        raise TypeError("seed must be None, an int or a list of ints, got bool")
-    if isinstance(seed, int):
-        seeds = [seed + i for i in range(count)]
-    elif isinstance(seed, (list, tuple)):
-        if len(seed) != count:
-            raise ValueError(f"seed has {len(seed)} entries but there are {count} prompts")
-        if any(isinstance(s, bool) or not isinstance(s, int) for s in seed):
-            raise TypeError("seed list entries must be ints")
-        seeds = list(seed)
-    else:
-        raise TypeError(f"seed must be None, an int or a list of ints, got {type(seed).__name__}")
-    for s in seeds:
-        if not 0 <= s < _SEED_LIMIT:
-            raise ValueError(f"seeds must be in [0, 2**63), got {s} (request i uses seed + i)")
-    return seeds
-
-
-ENGINES = ("auto", "stacked", "hf")
-
-
-def _context_length(model: torch.nn.Module) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def _check_max_seq_len(max_seq_len, models) -> int:
-    contexts = [c for c in (_context_length(m) for m in models) if c is not None]
-    if max_seq_len is None:
-        if not contexts:
-            raise ValueError("max_seq_len is needed: no member's config gives max_position_embeddings")
-        return min(contexts)
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
-        raise TypeError(f"max_seq_len must be an int, got {type(max_seq_len).__name__}")
-    if max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
-    return max_seq_len
 
 
 def _build_engine(engine: str, models, device, vocab_size: int, max_seq_len: int):
@@ -171,7 +89,7 @@ class Ensemble:
         for i, model in enumerate(models):
             if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
                 raise TypeError(f"models[{i}] must be a Hugging Face causal LM, got {type(model).__name__}")
-        vocab = [_vocab_size(m) for m in models]
+        vocab = [vocab_size(m) for m in models]
         if len(set(vocab)) != 1:
             raise ValueError(
                 f"members' vocabularies differ (output sizes {vocab}); heterogeneous vocabularies are "
@@ -182,10 +100,10 @@ class Ensemble:
             model.eval()
         self.tokenizer = tokenizer
         self.vocab_size = vocab[0]
-        self._weights = _check_weights(weights, len(self.models))
+        self._weights = check_weights(weights, len(self.models))
         self.device = next(self.models[0].parameters()).device
         self.eos_token_ids = eos_token_ids(self.models, tokenizer)
-        self.max_seq_len = _check_max_seq_len(max_seq_len, self.models)
+        self.max_seq_len = check_max_seq_len(max_seq_len, self.models)
         self._engine = _build_engine(engine, self.models, self.device, self.vocab_size, self.max_seq_len)
 
     # ---------------------------------------------------------------- construction
@@ -219,7 +137,7 @@ class Ensemble:
         paths = [os.fspath(p) for p in paths]
         if not paths:
             raise ValueError("paths must name at least one model")
-        _check_weights(weights, len(paths))  # fail before loading anything
+        check_weights(weights, len(paths))  # fail before loading anything
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(paths)
@@ -263,6 +181,19 @@ class Ensemble:
     def engine(self) -> str:
         """The engine in use: "stacked" or "hf"."""
         return self._engine.name
+
+    def memory_bytes(self) -> dict[str, int | None]:
+        """{"weights": bytes of the members' parameters, each storage counted once (the stacked
+        engine's stacked tensors ARE the members' parameters: nothing is held twice),
+        "kv_cache": bytes of the stacked engine's preallocated caches of the last call (None on
+        the hf engine, whose caches grow per call and are freed after it)}."""
+        storages = {}
+        for model in self.models:
+            for p in model.parameters():
+                st = p.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+        cache = self._engine.cache_bytes if self.engine == "stacked" else None
+        return {"weights": sum(storages.values()), "kv_cache": cache}
 
     @property
     def weights(self) -> list[float]:
@@ -339,8 +270,8 @@ class Ensemble:
             raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        params = _check_sampling(temperature, top_k, top_p, min_p)
-        seeds = _check_seeds(seed, len(prompts))
+        params = check_sampling(temperature, top_k, top_p, min_p)
+        seeds = check_seeds(seed, len(prompts))
         self._check_fits([len(p) + max_new_tokens for p in prompts], "generate")
         stop_checker = StopChecker(self.tokenizer, normalize_stop(stop))
 

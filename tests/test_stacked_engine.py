@@ -127,6 +127,14 @@ def test_weights_are_held_once():
         return any(start == s.untyped_storage().data_ptr() for s in stacked)
 
     assert all(inside(p) for m in models for p in m.parameters())
+    # memory_bytes counts each storage once: the stacked tensors are exactly the weights' bytes
+    param_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    ens.generate_ids([[1, 2, 3]], max_new_tokens=4, seed=0)
+    mem = ens.memory_bytes()
+    assert mem["weights"] == param_bytes
+    cache = ens._engine.caches[0] if ens._engine.caches else None
+    assert mem["kv_cache"] > 0 and (cache is None or mem["kv_cache"] == cache.nbytes)
+    assert Ensemble(models, engine="hf").memory_bytes() == {"weights": param_bytes, "kv_cache": None}
 
 
 def test_the_device_step_compiles_without_graph_breaks():

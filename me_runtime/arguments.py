@@ -1,0 +1,89 @@
+"""Argument checks of the Ensemble API: each raises a clear ValueError / TypeError naming the
+argument and the allowed range, before any model runs."""
+from __future__ import annotations
+
+import math
+import secrets
+
+import torch
+
+from me_kernels import SamplingParams
+
+SEED_LIMIT = 2**63
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.vocab_size)
+
+
+def check_weights(weights, num_members: int) -> list[float]:
+    if weights is None:
+        return [1.0 / num_members] * num_members
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().tolist()
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a sequence of {num_members} numbers, got {type(weights).__name__}")
+    if len(weights) != num_members:
+        raise ValueError(f"weights has {len(weights)} entries but the ensemble has {num_members} members")
+    values = []
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise TypeError(f"weights[{i}] must be a number, got {type(w).__name__}")
+        if math.isnan(w) or math.isinf(w) or w < 0:
+            raise ValueError(f"weights[{i}] = {w} must be finite and >= 0")
+        values.append(float(w))
+    total = sum(values)
+    if total <= 0:
+        raise ValueError("weights must not be all zero")
+    return [w / total for w in values]
+
+
+def check_sampling(temperature, top_k, top_p, min_p) -> SamplingParams:
+    # One rule per argument, shared with me_kernels (temperature=inf is accepted: the limit,
+    # uniform over the kept set).
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+def check_seeds(seed, count: int) -> list[int]:
+    if seed is None:
+        base = secrets.randbelow(SEED_LIMIT - count)
+        return [base + i for i in range(count)]
+    if isinstance(seed, bool):
+        raise TypeError("seed must be None, an int or a list of ints, got bool")
+    if isinstance(seed, int):
+        seeds = [seed + i for i in range(count)]
+    elif isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise ValueError(f"seed has {len(seed)} entries but there are {count} prompts")
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in seed):
+            raise TypeError("seed list entries must be ints")
+        seeds = list(seed)
+    else:
+        raise TypeError(f"seed must be None, an int or a list of ints, got {type(seed).__name__}")
+    for s in seeds:
+        if not 0 <= s < SEED_LIMIT:
+            raise ValueError(f"seeds must be in [0, 2**63), got {s} (request i uses seed + i)")
+    return seeds
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_max_seq_len(max_seq_len, models) -> int:
+    contexts = [c for c in (context_length(m) for m in models) if c is not None]
+    if max_seq_len is None:
+        if not contexts:
+            raise ValueError("max_seq_len is needed: no member's config gives max_position_embeddings")
+        return min(contexts)
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
+        raise TypeError(f"max_seq_len must be an int, got {type(max_seq_len).__name__}")
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    return max_seq_len
