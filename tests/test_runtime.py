@@ -430,6 +430,7 @@ def test_score_text(text_ensemble):
     ],
 )
 def test_bad_generate_arguments(ensemble, kwargs, error, match):
+    kwargs = dict(kwargs)  # the parameter dict is shared by both engines' runs
     with pytest.raises(error, match=match):
         ensemble.generate_ids([PROMPT, [1]], max_new_tokens=kwargs.pop("max_new_tokens", 2), **kwargs)
     # the ensemble stays usable
