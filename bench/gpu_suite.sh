@@ -3,7 +3,7 @@
 # transformers preinstalled, with NO network:
 #   1. builds me_kernels._C in place against that torch (no pip, no downloads);
 #   2. runs the GPU tests (pytest -m gpu);
-#   3. runs the kernel microbenchmarks and the end-to-end benchmark (JSON);
+#   3. runs the end-to-end benchmark (engine rows first) and the kernel microbenchmarks (JSON);
 #   4. draws the plots and prints a short summary table last.
 # Usage: bench/gpu_suite.sh OUTDIR
 # Fits in a 10-minute run: each step has a hard limit, the benchmarks run their target cases
@@ -47,6 +47,10 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 step build "$(budget 150)" "$PY" setup.py build_ext --inplace || { echo "build failed: see $OUTDIR/suite.log"; tail -n 40 "$OUTDIR/suite.log"; exit 1; }
 step import 20 "$PY" -c "import me_kernels, me_runtime; assert me_kernels.EXTENSION_LOADED; print('me_kernels._C loaded')"
 step gpu-tests "$(budget 180)" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml"
+# End to end first (the engine rows: stacked, then hf, then the baselines), the target cells first
+# (M=3 at B=1 and B=32), then the rest of the grid as time allows.
+CELLS="qwen2.5-1.5b:3:1,qwen2.5-1.5b:3:32,llama-3.2-1b:3:1,qwen2.5-1.5b:2:1,qwen2.5-1.5b:4:1,qwen2.5-1.5b:3:8,qwen2.5-1.5b:3:64,llama-3.2-1b:3:32"
+[ -f bench/e2e.py ] && step e2e "$(budget 115)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 85)" --out "$OUTDIR/e2e.json"
 # Kernel microbenchmarks, one file per op (bench/bench_<op>.py), one JSON per op
 # ($OUTDIR/bench_<op>.json). The ops with targets (sample, grouped_linear) run in their own
 # session, their target cases first (ids matching these substrings); the other five share one
@@ -75,9 +79,6 @@ for name, benches in by_file.items():
         json.dump({**data, "benchmarks": benches}, f, indent=2)
 print("split into", ", ".join(sorted(by_file)))
 PYEOF
-# End to end: the target cells first (M=3 at B=1 and B=32), then the rest of the grid as time allows.
-CELLS="qwen2.5-1.5b:3:1,qwen2.5-1.5b:3:32,llama-3.2-1b:3:1,qwen2.5-1.5b:2:1,qwen2.5-1.5b:4:1,qwen2.5-1.5b:3:8,qwen2.5-1.5b:3:64,llama-3.2-1b:3:32"
-[ -f bench/e2e.py ] && step e2e "$(budget 115)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 85)" --out "$OUTDIR/e2e.json"
 [ -f bench/plot.py ] && step plot 20 "$PY" bench/plot.py "$OUTDIR"
 [ -f bench/summarize.py ] && "$PY" bench/summarize.py "$OUTDIR" | tee "$OUTDIR/summary.md"
 echo
