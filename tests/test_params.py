@@ -79,9 +79,9 @@ def test_infinite_temperature_is_uniform_over_the_kept_set():
 
 
 def test_runtime_uses_the_same_params():
-    from me_runtime import decode, ensemble
+    from me_runtime import arguments, decode
 
     assert decode.SamplingParams is SamplingParams
-    assert ensemble._check_sampling(math.inf, 0, 1.0, 0.0).temperature == math.inf
+    assert arguments.check_sampling(math.inf, 0, 1.0, 0.0).temperature == math.inf
     with pytest.raises(ValueError, match="temperature"):
-        ensemble._check_sampling(-1.0, 0, 1.0, 0.0)
+        arguments.check_sampling(-1.0, 0, 1.0, 0.0)
