@@ -16,7 +16,7 @@ import torch
 
 from . import reference
 
-__all__ = ["EXTENSION_LOADED", "extension_error", "warn_fallback_once"]
+__all__ = ["EXTENSION_LOADED", "extension_error", "warn_fallback_once", "compiled_op", "register_python_op"]
 
 
 def _load_extension() -> tuple[bool, str | None]:
@@ -91,3 +91,27 @@ def _group_rows_fake(members, num_members):
 @torch.library.register_fake("me::grouped_linear")
 def _grouped_linear_fake(x, members, weight, bias=None):
     return x.new_empty((x.shape[0], weight.shape[1]))
+
+
+# TEMP registration shim (to be replaced by the registration restructure): the extension may
+# define the sampling / selection / mixture ops with CPU kernels; then Python only adds the CUDA
+# (Triton) kernel and the fake, otherwise it defines the op itself as before.
+def compiled_op(name: str) -> bool:
+    """True when me_kernels._C defines me::<name> (with its CPU kernel)."""
+    if not EXTENSION_LOADED:
+        return False
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"me::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def register_python_op(name: str, impl, fake):
+    """Registers `impl` (Triton on CUDA, interpreter / reference on CPU) and `fake` for me::<name>."""
+    if compiled_op(name):
+        torch.library.register_kernel(f"me::{name}", "cuda", impl)
+        torch.library.register_fake(f"me::{name}")(fake)
+        return
+    op = torch.library.custom_op(f"me::{name}", impl, mutates_args=())
+    op.register_fake(fake)

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import eager, on_device, use_triton
+from ._ops import compiled_op, register_python_op
 from ._random import STREAM_MIXTURE
 from ._validate import RowParam, check_mixture_logits, check_weights, sampling_params, seed_param
 from .sampling import NEG_INF, POS_INF, _load_raw, _row_param, _sample_row, _tile_offsets, _values, block_config, \
@@ -273,15 +274,17 @@ def _launch_mixture_sample(logits, weights, temp, top_k, top_p, min_p, seed, off
 def _mixture_logprobs_impl(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     if use_triton(logits.device):
         return _launch_logprobs(logits, weights)
+    if _COMPILED and logits.device.type == "cpu":  # TEMP registration shim: the C++ CPU kernel
+        return torch.ops.me.mixture_logprobs(logits, weights)
     return reference.mixture_logprobs_reference(logits, weights)
 
 
-_mixture_logprobs_op = torch.library.custom_op("me::mixture_logprobs", _mixture_logprobs_impl, mutates_args=())
-
-
-@_mixture_logprobs_op.register_fake
-def _(logits, weights):
+def _mixture_logprobs_fake(logits, weights):
     return logits.new_empty((logits.shape[1], logits.shape[2]), dtype=torch.float32)
+
+
+_COMPILED = compiled_op("mixture_logprobs") and compiled_op("mixture_sample")
+register_python_op("mixture_logprobs", _mixture_logprobs_impl, _mixture_logprobs_fake)
 
 
 def _mixture_sample_impl(
@@ -294,6 +297,9 @@ def _mixture_sample_impl(
         return _launch_mixture_sample(logits, weights, RowParam(temp_t, temp_s), RowParam(topk_t, topk_s),
                                       RowParam(topp_t, topp_s), RowParam(minp_t, minp_s), RowParam(seed_t, seed_s),
                                       RowParam(off_t, off_s))
+    if _COMPILED and logits.device.type == "cpu":  # TEMP registration shim: the C++ CPU kernel
+        return torch.ops.me.mixture_sample(logits, weights, temp_t, temp_s, topk_t, topk_s, topp_t, topp_s, minp_t,
+                                           minp_s, seed_t, seed_s, off_t, off_s)
 
     def pick(t, s):
         return t if t is not None else s
@@ -303,12 +309,11 @@ def _mixture_sample_impl(
         min_p=pick(minp_t, minp_s), seed=pick(seed_t, seed_s), offset=pick(off_t, off_s))
 
 
-_mixture_sample_op = torch.library.custom_op("me::mixture_sample", _mixture_sample_impl, mutates_args=())
-
-
-@_mixture_sample_op.register_fake
-def _(logits, weights, *args):
+def _mixture_sample_fake(logits, weights, *args):
     return logits.new_empty((logits.shape[1],), dtype=torch.int64)
+
+
+register_python_op("mixture_sample", _mixture_sample_impl, _mixture_sample_fake)
 
 
 # --------------------------------------------------------------------------------------------

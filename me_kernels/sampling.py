@@ -56,6 +56,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import eager, on_device, use_triton
+from ._ops import compiled_op, register_python_op
 from ._random import STREAM_TOKEN, gumbel_at, gumbel_tile
 from ._validate import check_logits, check_weights, sampling_params, seed_param
 from .selection import draw_members
@@ -812,18 +813,21 @@ def _sample_impl(
         tokens, _ = _launch_sample(logits, R(temp_t, temp_s), R(topk_t, topk_s), R(topp_t, topp_s),
                                    R(minp_t, minp_s), R(seed_t, seed_s), R(off_t, off_s))
         return tokens
+    if _COMPILED and logits.device.type == "cpu":  # TEMP registration shim: the C++ CPU kernel
+        return torch.ops.me.sample(logits, temp_t, temp_s, topk_t, topk_s, topp_t, topp_s, minp_t, minp_s, seed_t,
+                                   seed_s, off_t, off_s)
     return reference.sample_reference(
         logits, temperature=_scalar_or_tensor(temp_t, temp_s), top_k=_scalar_or_tensor(topk_t, topk_s),
         top_p=_scalar_or_tensor(topp_t, topp_s), min_p=_scalar_or_tensor(minp_t, minp_s),
         seed=_scalar_or_tensor(seed_t, seed_s), offset=_scalar_or_tensor(off_t, off_s))
 
 
-_sample_op = torch.library.custom_op("me::sample", _sample_impl, mutates_args=())
-
-
-@_sample_op.register_fake
-def _(logits, *args):
+def _sample_fake(logits, *args):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+_COMPILED = compiled_op("sample") and compiled_op("me_step")
+register_python_op("sample", _sample_impl, _sample_fake)
 
 
 def _me_step_impl(
@@ -837,19 +841,21 @@ def _me_step_impl(
 
         return _launch_sample(logits, R(temp_t, temp_s), R(topk_t, topk_s), R(topp_t, topp_s), R(minp_t, minp_s),
                               R(seed_t, seed_s), R(off_t, off_s), weights=weights, shared=shared)
+    if _COMPILED and logits.device.type == "cpu":  # TEMP registration shim: the C++ CPU kernel
+        return torch.ops.me.me_step(logits, weights, temp_t, temp_s, topk_t, topk_s, topp_t, topp_s, minp_t, minp_s,
+                                    seed_t, seed_s, off_t, off_s, shared)
     return reference.me_step_reference(
         logits, weights, temperature=_scalar_or_tensor(temp_t, temp_s), top_k=_scalar_or_tensor(topk_t, topk_s),
         top_p=_scalar_or_tensor(topp_t, topp_s), min_p=_scalar_or_tensor(minp_t, minp_s),
         seed=_scalar_or_tensor(seed_t, seed_s), offset=_scalar_or_tensor(off_t, off_s), shared=shared)
 
 
-_me_step_op = torch.library.custom_op("me::me_step", _me_step_impl, mutates_args=())
-
-
-@_me_step_op.register_fake
-def _(logits, weights, *args):
+def _me_step_fake(logits, weights, *args):
     b = logits.shape[0]
     return logits.new_empty((b,), dtype=torch.int64), logits.new_empty((b,), dtype=torch.int32)
+
+
+register_python_op("me_step", _me_step_impl, _me_step_fake)
 
 
 # --------------------------------------------------------------------------------------------

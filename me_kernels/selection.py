@@ -19,6 +19,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import eager, on_device, use_triton
+from ._ops import compiled_op, register_python_op
 from ._random import STREAM_MEMBER, gumbel_at
 from ._validate import check_batch, check_weights, seed_param
 
@@ -102,17 +103,19 @@ def _select_members_impl(
 ) -> torch.Tensor:
     if use_triton(weights.device):
         return _launch_select_members(weights, seed_t, seed_s, off_t, off_s, batch)
+    if _COMPILED and weights.device.type == "cpu":  # TEMP registration shim: the C++ CPU kernel
+        return torch.ops.me.select_members(weights, seed_t, seed_s, off_t, off_s, batch)
     seed = seed_t if seed_t is not None else seed_s
     offset = off_t if off_t is not None else off_s
     return reference.select_members_reference(weights, seed=seed, offset=offset, batch=batch)
 
 
-_select_members_op = torch.library.custom_op("me::select_members", _select_members_impl, mutates_args=())
-
-
-@_select_members_op.register_fake
-def _(weights, seed_t, seed_s, off_t, off_s, batch):
+def _select_members_fake(weights, seed_t, seed_s, off_t, off_s, batch):
     return weights.new_empty((batch,), dtype=torch.int32)
+
+
+_COMPILED = compiled_op("select_members")
+register_python_op("select_members", _select_members_impl, _select_members_fake)
 
 
 def _infer_batch(weights: torch.Tensor, batch, seed, offset) -> int:
