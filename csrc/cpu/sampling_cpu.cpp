@@ -60,6 +60,25 @@ struct RowSampling {
   }
 };
 
+// Upper bounds of the Gumbel noise by the top bits of its Philox word: bound[r >> kBoundShift]
+// >= gumbel_from_bits(r) for every r of that bucket (the value at the bucket's largest uniform,
+// in double, plus a margin far above the few fp32 ulps of error of the fp32 evaluation). Lets the
+// draw skip both logarithms for almost every element that cannot beat the best score so far.
+constexpr int kBoundShift = 20;  // 4096 buckets
+
+const float* gumbel_bounds() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(std::size_t{1} << (32 - kBoundShift));
+    for (std::size_t j = 0; j < t.size(); ++j) {
+      const double top = static_cast<double>(((j + 1) << (kBoundShift - 9)) - 1) + 0.5;  // largest r >> 9, + 0.5
+      const double u = top * 1.1920928955078125e-07;
+      t[j] = static_cast<float>(-std::log(-std::log(u)) + 1e-3);
+    }
+    return t;
+  }();
+  return table.data();
+}
+
 struct Candidate {
   float x;
   float e;  // exp((x - m) * inv_t)
@@ -158,27 +177,32 @@ int64_t draw_row(const float* x, int64_t vocab, float m, int64_t n_finite, const
 
   uint64_t cached_quad = std::numeric_limits<uint64_t>::max();
   uint32_t words[4];
-  auto gumbel = [&](int64_t i) {
+  auto bits_of = [&](int64_t i) {
     const uint64_t quad = static_cast<uint64_t>(i) >> 2;
     if (quad != cached_quad) {
       philox::words(p.seed, p.offset, stream, quad, words);
       cached_quad = quad;
     }
-    return philox::gumbel_from_bits(words[i & 3]);
+    return words[i & 3];
   };
+  const float* bound = gumbel_bounds();
 
   // Start from the first maximum (always kept: x = m passes every threshold and e = 1 >= min_p),
-  // so the bound below skips hopeless elements from the first one on.
+  // so the bounds below skip hopeless elements from the first one on.
   int64_t best_index = first_index_of(x, vocab, m);
-  float best = (m - m) * inv_t + gumbel(best_index);
+  float best = (m - m) * inv_t + philox::gumbel_from_bits(bits_of(best_index));
   for (int64_t i = 0; i < vocab; ++i) {
     const float v = x[i];
     if (!(v > -kInf) || v < threshold || i == best_index) continue;
     const float scaled = (v - m) * inv_t;
     // min-p keeps exp(scaled) >= min_p; a NaN weight is never kept (not even with min_p = 0).
     if (min_p == 0 ? std::isnan(scaled) : !(std::exp(scaled) >= min_p)) continue;
+    // fp32 addition is monotone: scaled + G <= scaled + bound < best cannot win (ties need
+    // equality), so the two logarithms of G are only taken for plausible winners.
     if (scaled + kGumbelBound < best) continue;
-    const float score = scaled + gumbel(i);
+    const uint32_t r = bits_of(i);
+    if (scaled + bound[r >> kBoundShift] < best) continue;
+    const float score = scaled + philox::gumbel_from_bits(r);
     if (score > best || (score == best && i < best_index)) {
       best = score;
       best_index = i;
