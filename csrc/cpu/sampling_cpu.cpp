@@ -175,13 +175,25 @@ int64_t draw_row(const float* x, int64_t vocab, float m, int64_t n_finite, const
   if (p.top_p < 1) threshold = std::max(tau_k, top_p_threshold(x, vocab, m, inv_t, tau_k, p.top_p, ws));
   const float min_p = p.min_p;
 
-  uint64_t cached_quad = std::numeric_limits<uint64_t>::max();
-  uint32_t words[4];
+  // Philox words on demand: a block of 4 * kBlockQuads elements at a time when most elements
+  // are kept (vectorised), one quad at a time when few are (a top-k or top-p set).
+  const bool dense = threshold == -kInf && min_p == 0;
+  constexpr int64_t kBlock = 4 * philox::kBlockQuads;
+  uint64_t cached = std::numeric_limits<uint64_t>::max();
+  uint32_t words[kBlock];
   auto bits_of = [&](int64_t i) {
+    if (dense) {
+      const uint64_t block = static_cast<uint64_t>(i) / kBlock;
+      if (block != cached) {
+        philox::words_block(p.seed, p.offset, stream, block * philox::kBlockQuads, words);
+        cached = block;
+      }
+      return words[i % kBlock];
+    }
     const uint64_t quad = static_cast<uint64_t>(i) >> 2;
-    if (quad != cached_quad) {
+    if (quad != cached) {
       philox::words(p.seed, p.offset, stream, quad, words);
-      cached_quad = quad;
+      cached = quad;
     }
     return words[i & 3];
   };
