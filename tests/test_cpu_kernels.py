@@ -241,13 +241,28 @@ def test_sample_seeds_negative_and_large(cpu_path):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_sample_public_function_uses_the_kernel(cpu_path, layout):
+def test_public_functions_use_the_kernels(cpu_path, layout, monkeypatch):
     gen = torch.Generator().manual_seed(21)
     logits = strided(random_logits(17, 1000, torch.bfloat16, gen), layout)
+    mix = torch.stack([logits, logits.flip(1)])
+    w = torch.tensor([0.3, 0.7])
     seed = row_seeds(17, gen)
-    for kw in CONFIGS[:12]:
-        got = me_kernels.sample(logits, seed=seed, offset=4, **kw)
-        assert torch.equal(got, R.sample_reference(logits, seed=seed, offset=4, **kw)), kw
+    want = [(R.sample_reference(logits, seed=seed, offset=4, **kw),
+             R.mixture_sample_reference(mix, w, seed=seed, offset=4, **kw),
+             R.me_step_reference(logits, w, seed=seed, offset=4, **kw)) for kw in CONFIGS]
+    want_members = R.select_members_reference(w, seed=seed, offset=9, batch=17)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the CPU path ran the torch reference instead of the compiled kernel")
+
+    for name in ("sample_reference", "mixture_sample_reference", "me_step_reference", "select_members_reference"):
+        monkeypatch.setattr(R, name, must_not_run)
+    for kw, (tokens, mixture_tokens, (step_tokens, step_members)) in zip(CONFIGS, want):
+        assert torch.equal(me_kernels.sample(logits, seed=seed, offset=4, **kw), tokens), kw
+        assert torch.equal(me_kernels.mixture_sample(mix, w, seed=seed, offset=4, **kw), mixture_tokens), kw
+        got = me_kernels.me_step(logits, w, seed=seed, offset=4, **kw)
+        assert torch.equal(got[0], step_tokens) and torch.equal(got[1], step_members), kw
+    assert torch.equal(me_kernels.select_members(w, seed=seed, offset=9), want_members)
     assert me_kernels.sample(logits[:0]).shape == (0,)
 
 
