@@ -433,7 +433,11 @@ def test_mixture_sample_matches_reference(dtype, members, batch, vocab, cpu_path
     assert torch.equal(got, want) and got[0] == -1
 
 
-def test_opcheck_sample():
-    logits = torch.randn(3, 37)
-    torch.library.opcheck(torch.ops.me.sample.default, (logits, None, 0.7, None, 5, torch.full((3,), 0.9), 1.0,
-                                                        None, 0.0, torch.arange(3), 0, None, 2))
+def test_opcheck():
+    logits, mix, w = torch.randn(3, 37), torch.randn(2, 3, 37), torch.tensor([0.4, 0.6])
+    params = (None, 0.7, None, 5, torch.full((3,), 0.9), 1.0, None, 0.0, torch.arange(3), 0, None, 2)
+    torch.library.opcheck(torch.ops.me.sample.default, (logits, *params))
+    torch.library.opcheck(torch.ops.me.me_step.default, (logits, w, *params, False))
+    torch.library.opcheck(torch.ops.me.select_members.default, (w, torch.arange(3), 0, None, 1, 3))
+    torch.library.opcheck(torch.ops.me.mixture_sample.default, (mix, w, *params))
+    torch.library.opcheck(torch.ops.me.mixture_logprobs.default, (mix, w))
