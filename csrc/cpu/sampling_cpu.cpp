@@ -177,50 +177,61 @@ int64_t draw_row(const float* x, int64_t vocab, float m, int64_t n_finite, const
   if (p.top_p < 1) threshold = std::max(tau_k, top_p_threshold(x, vocab, m, inv_t, tau_k, p.top_p, ws));
   const float min_p = p.min_p;
 
-  // Philox words on demand: a block of 4 * kBlockQuads elements at a time when most elements
-  // are kept (vectorised), one quad at a time when few are (a top-k or top-p set).
-  const bool dense = threshold == -kInf && min_p == 0;
-  constexpr int64_t kBlock = 4 * philox::kBlockQuads;
-  uint64_t cached = std::numeric_limits<uint64_t>::max();
-  uint32_t words[kBlock];
-  auto bits_of = [&](int64_t i) {
-    if (dense) {
-      const uint64_t block = static_cast<uint64_t>(i) / kBlock;
-      if (block != cached) {
-        philox::words_block(p.seed, p.offset, stream, block * philox::kBlockQuads, words);
-        cached = block;
-      }
-      return words[i % kBlock];
-    }
-    const uint64_t quad = static_cast<uint64_t>(i) >> 2;
-    if (quad != cached) {
-      philox::words(p.seed, p.offset, stream, quad, words);
-      cached = quad;
-    }
-    return words[i & 3];
-  };
   const float* bound = gumbel_bounds();
-
+  uint32_t words[4 * philox::kBlockQuads];
   // Start from the first maximum (always kept: x = m passes every threshold and e = 1 >= min_p),
   // so the bounds below skip hopeless elements from the first one on.
   int64_t best_index = first_index_of(x, vocab, m);
-  float best = (m - m) * inv_t + philox::gumbel_from_bits(bits_of(best_index));
+  philox::words(p.seed, p.offset, stream, static_cast<uint64_t>(best_index) >> 2, words);
+  float best = (m - m) * inv_t + philox::gumbel_from_bits(words[best_index & 3]);
+  // Element i challenges the best score with its Philox word r. fp32 addition is monotone:
+  // scaled + G <= scaled + bound < best cannot win (a tie needs equality), so the two logarithms
+  // of G are taken only for plausible winners.
+  auto challenge = [&](int64_t i, float scaled, uint32_t r) {
+    if (scaled + bound[r >> kBoundShift] < best) return;
+    const float score = scaled + philox::gumbel_from_bits(r);
+    if (score > best || (score == best && i < best_index)) {
+      best = score;
+      best_index = i;
+    }
+  };
+
+  if (threshold == -kInf && min_p == 0) {
+    // Every finite token is kept: Philox words for blocks of 4 * kBlockQuads elements at once
+    // (vectorised), and whole blocks skipped when even their largest logit cannot win.
+    constexpr int64_t kBlock = 4 * philox::kBlockQuads;
+    for (int64_t start = 0; start < vocab; start += kBlock) {
+      const int64_t end = std::min(vocab, start + kBlock);
+      float block_max = -kInf;
+      for (int64_t i = start; i < end; ++i) block_max = std::max(block_max, x[i]);
+      // (x - m) * inv_t is monotone in x, so this bounds every scaled logit of the block.
+      if ((block_max - m) * inv_t + kGumbelBound < best) continue;
+      philox::words_block(p.seed, p.offset, stream, static_cast<uint64_t>(start) / 4, words);
+      for (int64_t i = start; i < end; ++i) {
+        const float scaled = (x[i] - m) * inv_t;
+        // -inf entries and NaN weights (T = inf with x - m overflowing) are never kept.
+        if (!(x[i] > -kInf) || std::isnan(scaled) || i == best_index) continue;
+        challenge(i, scaled, words[i - start]);
+      }
+    }
+    return best_index;
+  }
+
+  // Truncated rows: few kept elements, Philox words one quad at a time.
+  uint64_t cached_quad = std::numeric_limits<uint64_t>::max();
   for (int64_t i = 0; i < vocab; ++i) {
     const float v = x[i];
     if (!(v > -kInf) || v < threshold || i == best_index) continue;
     const float scaled = (v - m) * inv_t;
     // min-p keeps exp(scaled) >= min_p; a NaN weight is never kept (not even with min_p = 0).
     if (min_p == 0 ? std::isnan(scaled) : !(std::exp(scaled) >= min_p)) continue;
-    // fp32 addition is monotone: scaled + G <= scaled + bound < best cannot win (ties need
-    // equality), so the two logarithms of G are only taken for plausible winners.
     if (scaled + kGumbelBound < best) continue;
-    const uint32_t r = bits_of(i);
-    if (scaled + bound[r >> kBoundShift] < best) continue;
-    const float score = scaled + philox::gumbel_from_bits(r);
-    if (score > best || (score == best && i < best_index)) {
-      best = score;
-      best_index = i;
+    const uint64_t quad = static_cast<uint64_t>(i) >> 2;
+    if (quad != cached_quad) {
+      philox::words(p.seed, p.offset, stream, quad, words);
+      cached_quad = quad;
     }
+    challenge(i, scaled, words[i & 3]);
   }
   return best_index;
 }
