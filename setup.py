@@ -78,7 +78,9 @@ def extension_modules():
     # layer (csrc/cuda/*.cpp) only join in a CUDA build.
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -std flag: torch adds the standard its headers need (c++17 or c++20 by version).
-    cxx_flags = ["-O3"]
+    # -ffp-contract=off: the CPU sampling kernels must round every fp32 operation like the torch
+    # reference (an FMA would change the scores in the last bit on targets that have one).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     if with_cuda:
         sources += sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/cuda/*.cpp"))

@@ -25,6 +25,37 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& members, co
 // kernels draw their own numbers on the GPU; this is the torch reference path's fast helper.
 at::Tensor philox_uniforms_cpu(const at::Tensor& seed, const at::Tensor& offset, int64_t stream, int64_t n);
 
+// Sampling, member selection and mixtures on the CPU (cpu/sampling_cpu.cpp): the semantics and
+// the Philox draws of me_kernels/reference.py, thresholds by selection (no sort of the row).
+// Per-row parameters are an optional CPU tensor [B] (or 0-dim / stride 0) else the scalar.
+//   sample: logits [B, V] fp32 / bf16 / fp16 (any strides) -> int64 [B] (-1: NaN row, no finite
+//     logit, or a bad parameter)
+//   me_step: + weights [M] or [B, M] -> (tokens int64 [B], members int32 [B] drawn at offset + 1;
+//     shared: row 0's draw for every row)
+//   select_members: weights [M] (batch rows) or [B, M] -> int32 [B] (-1: bad weight row)
+//   mixture_sample: logits [M, B, V], weights [M] or [B, M] -> int64 [B]
+//   mixture_logprobs: logits [M, B, V], weights -> float32 [B, V] (NaN rows for bad rows)
+at::Tensor sample_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& temp_t, double temp_s,
+                      const c10::optional<at::Tensor>& topk_t, int64_t topk_s, const c10::optional<at::Tensor>& topp_t,
+                      double topp_s, const c10::optional<at::Tensor>& minp_t, double minp_s,
+                      const c10::optional<at::Tensor>& seed_t, int64_t seed_s, const c10::optional<at::Tensor>& off_t,
+                      int64_t off_s);
+std::tuple<at::Tensor, at::Tensor> me_step_cpu(
+    const at::Tensor& logits, const at::Tensor& weights, const c10::optional<at::Tensor>& temp_t, double temp_s,
+    const c10::optional<at::Tensor>& topk_t, int64_t topk_s, const c10::optional<at::Tensor>& topp_t, double topp_s,
+    const c10::optional<at::Tensor>& minp_t, double minp_s, const c10::optional<at::Tensor>& seed_t, int64_t seed_s,
+    const c10::optional<at::Tensor>& off_t, int64_t off_s, bool shared);
+at::Tensor select_members_cpu(const at::Tensor& weights, const c10::optional<at::Tensor>& seed_t, int64_t seed_s,
+                              const c10::optional<at::Tensor>& off_t, int64_t off_s, int64_t batch);
+at::Tensor mixture_sample_cpu(const at::Tensor& logits, const at::Tensor& weights,
+                              const c10::optional<at::Tensor>& temp_t, double temp_s,
+                              const c10::optional<at::Tensor>& topk_t, int64_t topk_s,
+                              const c10::optional<at::Tensor>& topp_t, double topp_s,
+                              const c10::optional<at::Tensor>& minp_t, double minp_s,
+                              const c10::optional<at::Tensor>& seed_t, int64_t seed_s,
+                              const c10::optional<at::Tensor>& off_t, int64_t off_s);
+at::Tensor mixture_logprobs_cpu(const at::Tensor& logits, const at::Tensor& weights);
+
 #ifdef ME_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> group_rows_cuda(const at::Tensor& members, int64_t num_members);
 at::Tensor grouped_linear_cuda(const at::Tensor& x, const at::Tensor& members, const at::Tensor& weight,

@@ -10,29 +10,10 @@
 #include <cstdint>
 
 #include "checks.h"
+#include "cpu/philox.h"
 #include "ops.h"
 
 namespace me {
-namespace {
-
-constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-
-inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(c[0]) * kM0;
-    const uint64_t p1 = static_cast<uint64_t>(c[2]) * kM1;
-    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c[1] ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c[3] ^ k1;
-    c[1] = static_cast<uint32_t>(p1);
-    c[3] = static_cast<uint32_t>(p0);
-    c[0] = n0;
-    c[2] = n2;
-    k0 += kW0;
-    k1 += kW1;
-  }
-}
-
-}  // namespace
 
 at::Tensor philox_uniforms_cpu(const at::Tensor& seed, const at::Tensor& offset, int64_t stream, int64_t n) {
   TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && offset.scalar_type() == at::kLong,
@@ -57,13 +38,11 @@ at::Tensor philox_uniforms_cpu(const at::Tensor& seed, const at::Tensor& offset,
       const int64_t row = job / quads, q = job % quads;
       const uint64_t key = static_cast<uint64_t>(sp[row]);
       const uint64_t off = static_cast<uint64_t>(op[row]);
-      uint32_t c[4] = {static_cast<uint32_t>(q), static_cast<uint32_t>(off), static_cast<uint32_t>(off >> 32),
-                       static_cast<uint32_t>(stream)};
-      philox4x32_10(c, static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
+      uint32_t c[4];
+      philox::words(key, off, static_cast<uint32_t>(stream), static_cast<uint64_t>(q), c);
       float* row_out = dst + row * n;
       for (int w = 0; w < 4 && 4 * q + w < n; ++w) {
-        // ((r >> 9) + 0.5) * 2^-23: exact in fp32, strictly inside (0, 1)
-        row_out[4 * q + w] = (static_cast<float>(c[w] >> 9) + 0.5f) * 1.1920928955078125e-07f;
+        row_out[4 * q + w] = philox::uniform_from_bits(c[w]);
       }
     }
   });
