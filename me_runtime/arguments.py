@@ -87,3 +87,18 @@ def check_max_seq_len(max_seq_len, models) -> int:
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
     return max_seq_len
+
+
+def check_texts(texts, name: str, *, allow_empty_texts: bool = False) -> list[str]:
+    """A non-empty list of strings (a single string is not taken for a list); each string
+    non-empty unless allow_empty_texts."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise TypeError(f"{name} must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise ValueError(f"{name} must be a non-empty list of strings")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(text).__name__}")
+        if not text and not allow_empty_texts:
+            raise ValueError(f"{name}[{i}] is empty")
+    return list(texts)

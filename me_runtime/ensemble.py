@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 
-from .arguments import check_max_seq_len, check_sampling, check_seeds, check_weights, vocab_size
+from .arguments import check_max_seq_len, check_sampling, check_seeds, check_texts, check_weights, vocab_size
 from .decode import decode
 from .hf_engine import HFEngine
 from .stacked_engine import StackedEngine, check_supported
@@ -227,15 +227,7 @@ class Ensemble:
         """
         if self.tokenizer is None:
             raise ValueError("generate() needs a tokenizer; use generate_ids() for token-id prompts")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts must be a non-empty list of strings")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise TypeError(f"prompts[{i}] must be a string, got {type(p).__name__}")
-            if not p:
-                raise ValueError(f"prompts[{i}] is empty")
+        prompts = check_texts([prompts] if isinstance(prompts, str) else prompts, "prompts")
         input_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         return self.generate_ids(input_ids, **options)
 
@@ -310,17 +302,10 @@ class Ensemble:
         """
         if self.tokenizer is None:
             raise ValueError("score() needs a tokenizer; use score_ids() for token ids")
-        for name, texts in (("prompts", prompts), ("continuations", continuations)):
-            if not isinstance(texts, (list, tuple)):
-                raise TypeError(f"{name} must be a list of strings")
-            for i, s in enumerate(texts):
-                if not isinstance(s, str):
-                    raise TypeError(f"{name}[{i}] must be a string, got {type(s).__name__}")
+        prompts = check_texts(prompts, "prompts")
+        continuations = check_texts(continuations, "continuations", allow_empty_texts=True)
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompts[{i}] is empty")
         prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         cont_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
         return self.score_ids(prompt_ids, cont_ids)
@@ -396,15 +381,7 @@ class Ensemble:
         and scored whole after the tokenizer's BOS token."""
         if self.tokenizer is None:
             raise ValueError("score_rolling() needs a tokenizer; use score_rolling_ids() for token ids")
-        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
-        if not texts:
-            raise ValueError("texts must be a non-empty list of strings")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] must be a string, got {type(text).__name__}")
-            if not text:
-                raise ValueError(f"texts[{i}] is empty")
+        texts = check_texts(texts, "texts")
         # verbose=False: texts longer than the tokenizer's model_max_length are expected here.
         ids = [self.tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
         return self.score_rolling_ids(ids, max_length=max_length, min_context=min_context)

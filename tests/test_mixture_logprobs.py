@@ -81,7 +81,14 @@ def test_mixture_logprobs_cpu_reference_path(monkeypatch):
     monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
     l = torch.randn(2, 3, 112, generator=_gen(7))
     w = torch.tensor([0.3, 0.7])
-    assert torch.equal(K.mixture_logprobs(l, w), R.mixture_logprobs_reference(l, w))
+    got, want = K.mixture_logprobs(l, w), R.mixture_logprobs_reference(l, w)
+    if K.EXTENSION_LOADED:
+        # The compiled CPU kernel: libm exp / its own summation order against torch's vectorised
+        # ones, so agreement to fp32 rounding (tests/test_cpu_kernels.py checks it over the
+        # special values too), not bit for bit.
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
 
 
 LOGPROBS_ERRORS = [
