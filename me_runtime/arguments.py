@@ -76,17 +76,21 @@ def context_length(model: torch.nn.Module) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def check_max_seq_len(max_seq_len, models) -> int:
-    contexts = [c for c in (context_length(m) for m in models) if c is not None]
+def check_max_seq_len(max_seq_len, models) -> tuple[int | None, str]:
+    """(the longest sequence a request may reach, what sets it). Default: the smallest context
+    length (max_position_embeddings) among the members, naming that member; None (no limit)
+    when no member's config gives one."""
     if max_seq_len is None:
+        contexts = [(c, i) for i, c in enumerate(context_length(m) for m in models) if c is not None]
         if not contexts:
-            raise ValueError("max_seq_len is needed: no member's config gives max_position_embeddings")
-        return min(contexts)
+            return None, "no member gives a context length"
+        limit, member = min(contexts)
+        return limit, f"member {member}'s context length (max_position_embeddings) is {limit}"
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
         raise TypeError(f"max_seq_len must be an int, got {type(max_seq_len).__name__}")
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
-    return max_seq_len
+    return max_seq_len, f"max_seq_len is {max_seq_len}"
 
 
 def check_texts(texts, name: str, *, allow_empty_texts: bool = False) -> list[str]:

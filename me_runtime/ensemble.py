@@ -48,12 +48,15 @@ class Generation:
     finish_reason: str
 
 
-def _build_engine(engine: str, models, device, vocab_size: int, max_seq_len: int):
+def _build_engine(engine: str, models, device, vocab_size: int, max_seq_len: int | None):
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "auto":
-        engine = "stacked" if all(r is None for r in check_supported(models)) else "hf"
+        supported = max_seq_len is not None and all(r is None for r in check_supported(models))
+        engine = "stacked" if supported else "hf"
     if engine == "stacked":
+        if max_seq_len is None:
+            raise ValueError("engine='stacked' needs max_seq_len (no member's config gives a context length)")
         return StackedEngine(models, device, vocab_size, max_seq_len)
     return HFEngine(models, device, vocab_size)
 
@@ -76,8 +79,9 @@ class Ensemble:
             exact ties, the same tokens for the same seeds.
         max_seq_len: the longest sequence (prompt + new tokens) a request may reach: the stacked
             engine's cache capacity. Default: the smallest context length (max_position_embeddings)
-            among the members. A request that would not fit is refused with ValueError before any
-            work.
+            among the members (no limit when no member's config gives one; the stacked engine then
+            needs it). A request that would not fit is refused before any work with a ValueError
+            that names the numbers and the member whose context sets the limit.
     """
 
     def __init__(self, models: Sequence[torch.nn.Module], tokenizer=None, weights=None, *, engine: str = "auto",
@@ -103,7 +107,7 @@ class Ensemble:
         self._weights = check_weights(weights, len(self.models))
         self.device = next(self.models[0].parameters()).device
         self.eos_token_ids = eos_token_ids(self.models, tokenizer)
-        self.max_seq_len = check_max_seq_len(max_seq_len, self.models)
+        self.max_seq_len, self._limit_reason = check_max_seq_len(max_seq_len, self.models)
         self._engine = _build_engine(engine, self.models, self.device, self.vocab_size, self.max_seq_len)
 
     # ---------------------------------------------------------------- construction
@@ -390,11 +394,13 @@ class Ensemble:
     def _check_fits(self, lengths: list[int], what: str) -> None:
         """Refuse, before any work, a request longer than max_seq_len (the stacked engine's cache
         capacity and the members' context)."""
+        if self.max_seq_len is None:
+            return
         for i, n in enumerate(lengths):
             if n > self.max_seq_len:
                 raise ValueError(
-                    f"{what}: request {i} needs {n} positions (prompt + new tokens) but max_seq_len is "
-                    f"{self.max_seq_len}"
+                    f"{what}: request {i} needs {n} positions (prompt + new tokens) but {self._limit_reason} "
+                    f"(pass a larger max_seq_len only if the members can use longer contexts)"
                 )
 
     def _check_ids(self, sequences, name: str, *, allow_empty: bool, allow_no_rows: bool = False) -> list[list[int]]:

@@ -68,6 +68,12 @@ def test_capacity_is_checked_before_any_work(monkeypatch):
     assert calls == []
     with pytest.raises(ValueError, match="max_seq_len"):
         Ensemble(llama_members(1), max_seq_len=1)
+    # by default the limit is the smallest context among the members, and the error names it
+    members = llama_members(2)
+    members[1].config.max_position_embeddings = 40
+    for engine in ("stacked", "hf"):
+        with pytest.raises(ValueError, match=r"needs 45 positions.*member 1's context length \(max_position_embeddings\) is 40"):
+            Ensemble(members, engine=engine).generate_ids([[1] * 35], max_new_tokens=10)
 
 
 def test_one_grouped_gemm_per_projection_whatever_members_the_rows_chose(monkeypatch):
