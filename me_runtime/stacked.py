@@ -449,8 +449,10 @@ class StackedGroup:
         # q and k heads are adjacent: one norm (Qwen3) and one RoPE over both, written back in
         # place, so the k and v heads that follow are the [2, KVH, hd] blocks the cache stores.
         qk = qkv[:, :, : lay.heads + lay.kv_heads]
-        source = qk if per.qk_norm is None else _rms_norm(qk, per.qk_norm[layer], per.eps[..., None])
-        _apply_rope(source, per.cos, per.sin_signed, out=qk)
+        if per.qk_norm is None:
+            _apply_rope_(qk, per.cos, per.sin_signed)
+        else:
+            qk.copy_(_apply_rope_(_rms_norm(qk, per.qk_norm[layer], per.eps[..., None]), per.cos, per.sin_signed))
         write_layer(cache, layer, plan, qkv[:, :, lay.heads :].reshape(n * q_len, 2, lay.kv_heads, lay.head_dim))
         keys, values = read_rows(cache, layer, plan)  # [N, KVH, kv_len, hd] each
         query = qkv[:, :, : lay.heads].transpose(1, 2)
@@ -511,21 +513,22 @@ class _PerForward(NamedTuple):
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2) + eps)): statistics in fp32, cast back to x's dtype before the
     scale (LlamaRMSNorm). weight and eps (fp32) broadcast against x [..., D]."""
-    xf = x.to(torch.float32)
+    xf = x.float()
     variance = xf.pow(2).mean(-1, keepdim=True)
     # In place on this function's own temporaries only (x may be a view of a live tensor).
     return (xf * variance.add_(eps).rsqrt_()).to(x.dtype).mul_(weight)
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, *, out: torch.Tensor) -> None:
-    """out = x [N, Q, heads, hd] rotated by position: HF's x * cos + rotate_half(x) * sin.
+def _apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, Q, heads, hd] by position in place (x may be a view): HF's
+    x * cos + rotate_half(x) * sin. Returns x.
 
     rotate_half(x) = cat(-x2, x1) is computed as roll(x) = cat(x2, x1) times sin_signed =
     cat(-sin1, sin2): the same products bit for bit (a sign flip is exact), in one roll instead of
-    two slices, a negation and a cat. `out` may be x itself or a view that x was read from.
+    two slices, a negation and a cat.
     """
     rotated = x.roll(x.shape[-1] // 2, dims=-1).mul_(sin_signed)
-    out.copy_((x * cos).add_(rotated))  # not add(out=): dynamo refuses out= on a view
+    return x.mul_(cos).add_(rotated)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
