@@ -516,7 +516,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch
     xf = x.float()
     variance = xf.pow(2).mean(-1, keepdim=True)
     # In place on this function's own temporaries only (x may be a view of a live tensor).
-    return (xf * variance.add_(eps).rsqrt_()).to(x.dtype).mul_(weight)
+    normed = xf * variance.add_(eps).rsqrt_()
+    if x.dtype != torch.float32:  # (a no-op .to still costs a dispatch)
+        normed = normed.to(x.dtype)
+    return normed.mul_(weight)
 
 
 def _apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
