@@ -365,9 +365,16 @@ class StackedGroup:
         plan = plan_cache_access(cache, member, slot.to(int64), start.to(int64), count.to(int64), q_len, kv_len)
         per = self._per_forward(member, plan, q_len)
         hidden = self._embed(torch.where(plan.valid, tokens, 0), member)
+        # With logits="last", the last layer needs every token's keys / values but only each
+        # sequence's last token past its attention (the other rows would feed nothing): its
+        # attention output, o_proj and MLP run on N rows instead of N * Q.
+        last = None
+        if logits == "last" and q_len > 1:
+            last = (torch.arange(n, device=tokens.device), (count.to(int64) - 1).clamp(min=0))
+        final = self.layout.layers - 1
         for layer in range(self.layout.layers):
-            hidden = self._decoder_layer(layer, hidden, per, plan, cache)
-        return self._final_logits(hidden, member, per, count, logits)
+            hidden = self._decoder_layer(layer, hidden, per, plan, cache, last if layer == final else None)
+        return self._final_logits(hidden, member, per, logits)
 
     __call__ = forward
 
@@ -404,7 +411,7 @@ class StackedGroup:
         gathered once per forward instead of once per layer."""
         lay = self.layout
         n = member.shape[0]
-        token_member = member.to(torch.int32)
+        sequence_member = token_member = member.to(torch.int32)
         if q_len > 1:
             token_member = token_member[:, None].expand(n, q_len).reshape(-1)
         eps = self.eps[member][:, None, None]  # [N, 1, 1] fp32
@@ -417,7 +424,7 @@ class StackedGroup:
             qk_norm = torch.cat((q_norm, k_norm), dim=2)[:, :, None].unbind(1)  # L x [N, 1, H + KVH, hd]
         cos, sin_signed = self._rope(member, plan.positions)
         masks = [attention_mask(plan, None if w is None else w[member], self.dtype) for w in self._mask_windows]
-        return _PerForward(token_member, eps, input_norm, post_attention_norm, qk_norm, cos, sin_signed,
+        return _PerForward(sequence_member, token_member, eps, input_norm, post_attention_norm, qk_norm, cos, sin_signed,
                            [masks[i] for i in self._mask_of_layer])
 
     def _rope(self, member: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,18 +436,25 @@ class StackedGroup:
         cos, sin = freqs.cos() * scale, freqs.sin() * scale
         return torch.cat((cos, cos), dim=-1).to(self.dtype), torch.cat((-sin, sin), dim=-1).to(self.dtype)
 
-    def _decoder_layer(self, layer: int, hidden: torch.Tensor, per: _PerForward, plan: CachePlan,
-                       cache: KVCache) -> torch.Tensor:
-        """Pre-norm attention block then pre-norm MLP block, residuals in the members' dtype."""
+    def _decoder_layer(self, layer: int, hidden: torch.Tensor, per: _PerForward, plan: CachePlan, cache: KVCache,
+                       only: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pre-norm attention block then pre-norm MLP block, residuals in the members' dtype.
+        hidden [N, Q, hidden] -> [N, Q, hidden], or [N, 1, hidden] at the token q = only[1][n] of
+        each sequence when `only` (sequence indices, token indices) is given."""
         normed = _rms_norm(hidden, per.input_norm[layer], per.eps)
-        hidden = hidden + self._attention(layer, normed, per, plan, cache)
+        attention = self._attention(layer, normed, per, plan, cache, only)
+        if only is not None:
+            hidden = hidden[only][:, None, :]
+        hidden = hidden + attention
         normed = _rms_norm(hidden, per.post_attention_norm[layer], per.eps)
-        return hidden.add_(self._mlp(layer, normed, per.token_member))
+        token_member = per.token_member if only is None else per.sequence_member
+        return hidden.add_(self._mlp(layer, normed, token_member))
 
-    def _attention(self, layer: int, x: torch.Tensor, per: _PerForward, plan: CachePlan,
-                   cache: KVCache) -> torch.Tensor:
-        """x [N, Q, hidden] -> [N, Q, hidden]. Writes this layer's k / v of the valid tokens at
-        (member, slot, start + q), then each query attends to its own row's keys in [0, kv_len)."""
+    def _attention(self, layer: int, x: torch.Tensor, per: _PerForward, plan: CachePlan, cache: KVCache,
+                   only: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, Q, hidden] -> [N, Q, hidden] ([N, 1, hidden] for the queries `only`, see
+        _decoder_layer). Writes this layer's k / v of the valid tokens at (member, slot,
+        start + q), then each query attends to its own row's keys in [0, kv_len)."""
         lay = self.layout
         n, q_len, _ = x.shape
         qkv = grouped_linear(x.reshape(n * q_len, lay.hidden), per.token_member, self.qkv_weight[layer],
@@ -455,8 +469,11 @@ class StackedGroup:
             qk.copy_(_apply_rope_(_rms_norm(qk, per.qk_norm[layer], per.eps[..., None]), per.cos, per.sin_signed))
         write_layer(cache, layer, plan, qkv[:, :, lay.heads :].reshape(n * q_len, 2, lay.kv_heads, lay.head_dim))
         keys, values = read_rows(cache, layer, plan)  # [N, KVH, kv_len, hd] each
-        query = qkv[:, :, : lay.heads].transpose(1, 2)
         mask = per.masks[layer]
+        token_member = per.token_member
+        if only is not None:
+            qkv, mask, token_member, q_len = qkv[only][:, None], mask[only[0], :, only[1]][:, :, None], per.sequence_member, 1
+        query = qkv[:, :, : lay.heads].transpose(1, 2)
         if self._sdpa_gqa:
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
                                                  enable_gqa=True)
@@ -465,7 +482,7 @@ class StackedGroup:
             out = F.scaled_dot_product_attention(query, _repeat_kv(keys, groups), _repeat_kv(values, groups),
                                                  attn_mask=mask, scale=self.scaling)
         out = out.transpose(1, 2).reshape(n * q_len, lay.heads * lay.head_dim)
-        return grouped_linear(out, per.token_member, self.o_weight[layer], self.o_bias[layer]).view(n, q_len, lay.hidden)
+        return grouped_linear(out, token_member, self.o_weight[layer], self.o_bias[layer]).view(n, q_len, lay.hidden)
 
     def _mlp(self, layer: int, x: torch.Tensor, token_member: torch.Tensor) -> torch.Tensor:
         """SwiGLU: down(silu(gate(x)) * up(x)); x [N, Q, hidden] -> [N, Q, hidden]."""
@@ -476,14 +493,13 @@ class StackedGroup:
         out = grouped_linear(F.silu(gate).mul_(up), token_member, self.down_weight[layer], self.down_bias[layer])
         return out.view(n, q_len, hidden)
 
-    def _final_logits(self, hidden, member, per: _PerForward, count, mode: str) -> torch.Tensor | None:
-        """Final RMSNorm and lm_head: "last" float32 [N, V], "all" float32 [N, Q, V], "none" None."""
+    def _final_logits(self, hidden, member, per: _PerForward, mode: str) -> torch.Tensor | None:
+        """Final RMSNorm and lm_head: "last" float32 [N, V] (hidden is then [N, 1, hidden], each
+        sequence's last token), "all" float32 [N, Q, V], "none" None."""
         if mode == "none":
             return None
         n, q_len, dim = hidden.shape
         if mode == "last":
-            last = (count.to(torch.int64) - 1).clamp(min=0)
-            hidden = hidden[torch.arange(n, device=hidden.device), last][:, None, :]  # [N, 1, hidden]
             heads = self.lm_head_index[member]
         else:
             heads = self.lm_head_index[per.token_member.to(torch.int64)]
@@ -495,6 +511,7 @@ class StackedGroup:
 class _PerForward(NamedTuple):
     """Per-forward gathers shared by all layers (see StackedGroup._per_forward)."""
 
+    sequence_member: torch.Tensor  # int32 [N]
     token_member: torch.Tensor  # int32 [N * Q]
     eps: torch.Tensor  # fp32 [N, 1, 1]
     input_norm: list[torch.Tensor]  # per layer [N, 1, hidden]
