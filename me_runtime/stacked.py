@@ -279,11 +279,12 @@ class StackedGroup:
         distinct = list(dict.fromkeys(columns))
         self._mask_of_layer = [distinct.index(column) for column in columns]
         self._mask_windows = [
-            None if all(w == _FULL_ATTENTION_WINDOW for w in column) else torch.tensor(column, dtype=torch.int64, **table)
+            None if all(w == _FULL_ATTENTION_WINDOW for w in column)
+            else torch.tensor(column, dtype=torch.int64, **table)
             for column in distinct
         ]
         # SDPA's enable_gqa on the CPU runs the same flash kernel on the unrepeated keys / values
-        # (bit-identical, no copy); on CUDA it can steer a masked call to the math backend.
+        # (bit-identical, no copy); on CUDA a masked call with it may fall back to the math backend.
         self._sdpa_gqa = self.device.type == "cpu" and heads != kv_heads
 
     # -----------------------------------------------------------------------------------------
@@ -424,8 +425,8 @@ class StackedGroup:
             qk_norm = torch.cat((q_norm, k_norm), dim=2)[:, :, None].unbind(1)  # L x [N, 1, H + KVH, hd]
         cos, sin_signed = self._rope(member, plan.positions)
         masks = [attention_mask(plan, None if w is None else w[member], self.dtype) for w in self._mask_windows]
-        return _PerForward(sequence_member, token_member, eps, input_norm, post_attention_norm, qk_norm, cos, sin_signed,
-                           [masks[i] for i in self._mask_of_layer])
+        return _PerForward(sequence_member, token_member, eps, input_norm, post_attention_norm, qk_norm, cos,
+                           sin_signed, [masks[i] for i in self._mask_of_layer])
 
     def _rope(self, member: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and the signed sin (see _apply_rope), [N, Q, 1, hd] in the members' dtype, computed
@@ -471,8 +472,9 @@ class StackedGroup:
         keys, values = read_rows(cache, layer, plan)  # [N, KVH, kv_len, hd] each
         mask = per.masks[layer]
         token_member = per.token_member
-        if only is not None:
-            qkv, mask, token_member, q_len = qkv[only][:, None], mask[only[0], :, only[1]][:, :, None], per.sequence_member, 1
+        if only is not None:  # each sequence's query `only`: [N, 1, ...]
+            qkv, mask = qkv[only][:, None], mask[only[0], :, only[1]][:, :, None]
+            token_member, q_len = per.sequence_member, 1
         query = qkv[:, :, : lay.heads].transpose(1, 2)
         if self._sdpa_gqa:
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
