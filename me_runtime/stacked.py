@@ -26,7 +26,7 @@ import torch.nn.functional as F
 # torch.ops.me.grouped_linear, whose fake implementation gives the output shape.
 from me_kernels import grouped_linear
 
-from .kv_cache import CachePlan, KVCache, attention_mask, plan_cache_access, write_layer
+from .kv_cache import CachePlan, KVCache, attention_mask, plan_cache_access, read_rows, write_layer
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "StackedGroup", "shape_key", "unsupported_reason"]
 
@@ -273,6 +273,19 @@ class StackedGroup:
         self.attention_scaling = torch.tensor(scaling, dtype=torch.float32, **table)
         windows = [[_FULL_ATTENTION_WINDOW if w is None else int(w) for w in _sliding_windows(m)] for m in models]
         self.window = torch.tensor(windows, dtype=torch.int64, **table)
+        # Layers whose members' windows agree share one attention mask per forward (usually all
+        # layers do): the distinct window columns, None for full attention in every member.
+        columns = [tuple(member_windows[layer] for member_windows in windows) for layer in range(layers)]
+        distinct = list(dict.fromkeys(columns))
+        self._mask_of_layer = [distinct.index(column) for column in columns]
+        self._mask_windows = [
+            None if all(w == _FULL_ATTENTION_WINDOW for w in column)
+            else torch.tensor(column, dtype=torch.int64, **table)
+            for column in distinct
+        ]
+        # SDPA's enable_gqa on the CPU runs the same flash kernel on the unrepeated keys / values
+        # (bit-identical, no copy); on CUDA a masked call with it may fall back to the math backend.
+        self._sdpa_gqa = self.device.type == "cpu" and heads != kv_heads
 
     # -----------------------------------------------------------------------------------------
     # Memory
@@ -307,7 +320,6 @@ class StackedGroup:
     # Forward
     # -----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def forward(
         self,
         cache: KVCache,
@@ -335,18 +347,35 @@ class StackedGroup:
                 "all" -> float32 [N, Q, V] (unspecified at q >= count); "none" -> None.
         No host synchronisation: static shapes, no data-dependent Python control flow.
         """
+        if torch.compiler.is_compiling():  # inductor cannot trace inference tensors
+            with torch.no_grad():
+                return self._forward(cache, tokens, member, slot, start, count, kv_len, logits)
+        # Eager: inference_mode rather than no_grad saves ~10% of the per-op overhead (no version
+        # counters, no view tracking), which is most of a small member's decode step on the CPU.
+        # Caches and weights stay normal tensors (writing them in place from inside is allowed);
+        # the returned logits are inference tensors, read-only outside (nothing downstream
+        # modifies them in place).
+        with torch.inference_mode():
+            return self._forward(cache, tokens, member, slot, start, count, kv_len, logits)
+
+    def _forward(self, cache, tokens, member, slot, start, count, kv_len, logits):
         self._check_forward_args(cache, tokens, member, slot, start, count, kv_len, logits)
         n, q_len = tokens.shape
-        member = member.to(torch.int64)
         int64 = torch.int64
+        member = member.to(int64)
         plan = plan_cache_access(cache, member, slot.to(int64), start.to(int64), count.to(int64), q_len, kv_len)
-        valid = torch.arange(q_len, device=tokens.device)[None, :] < count[:, None]
-        token_member = member[:, None].expand(n, q_len).reshape(-1).to(torch.int32)
-        cos, sin = self._rope(member, plan.positions)
-        hidden = self._embed(torch.where(valid, tokens, 0), member)
+        per = self._per_forward(member, plan, q_len)
+        hidden = self._embed(torch.where(plan.valid, tokens, 0), member)
+        # With logits="last", the last layer needs every token's keys / values but only each
+        # sequence's last token past its attention (the other rows would feed nothing): its
+        # attention output, o_proj and MLP run on N rows instead of N * Q.
+        last = None
+        if logits == "last" and q_len > 1:
+            last = (torch.arange(n, device=tokens.device), (count.to(int64) - 1).clamp(min=0))
+        final = self.layout.layers - 1
         for layer in range(self.layout.layers):
-            hidden = self._decoder_layer(layer, hidden, member, token_member, cos, sin, plan, cache)
-        return self._final_logits(hidden, member, token_member, count, logits)
+            hidden = self._decoder_layer(layer, hidden, per, plan, cache, last if layer == final else None)
+        return self._final_logits(hidden, member, per, logits)
 
     __call__ = forward
 
@@ -378,55 +407,82 @@ class StackedGroup:
         """tokens int64 [N, Q] (padding replaced by 0), member int64 [N] -> [N, Q, hidden] dtype."""
         return self.vocab_weight[member[:, None], tokens]
 
+    def _per_forward(self, member: torch.Tensor, plan: CachePlan, q_len: int) -> _PerForward:
+        """Everything the layers read that depends on the sequences' members but not on the layer,
+        gathered once per forward instead of once per layer."""
+        lay = self.layout
+        n = member.shape[0]
+        sequence_member = token_member = member.to(torch.int32)
+        if q_len > 1:
+            token_member = token_member[:, None].expand(n, q_len).reshape(-1)
+        eps = self.eps[member][:, None, None]  # [N, 1, 1] fp32
+        input_norm = self.input_norm[member][:, :, None, :].unbind(1)  # L x [N, 1, hidden]
+        post_attention_norm = self.post_attention_norm[member][:, :, None, :].unbind(1)
+        qk_norm = None
+        if self.q_norm is not None:  # q heads' weight then k heads' weight: one norm over both
+            q_norm = self.q_norm[member][:, :, None].expand(n, lay.layers, lay.heads, lay.head_dim)
+            k_norm = self.k_norm[member][:, :, None].expand(n, lay.layers, lay.kv_heads, lay.head_dim)
+            qk_norm = torch.cat((q_norm, k_norm), dim=2)[:, :, None].unbind(1)  # L x [N, 1, H + KVH, hd]
+        cos, sin_signed = self._rope(member, plan.positions)
+        masks = [attention_mask(plan, None if w is None else w[member], self.dtype) for w in self._mask_windows]
+        return _PerForward(sequence_member, token_member, eps, input_norm, post_attention_norm, qk_norm, cos,
+                           sin_signed, [masks[i] for i in self._mask_of_layer])
+
     def _rope(self, member: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, Q, 1, hd] in the members' dtype, computed in fp32 as the HF rotary module
-        does (angle = position * inv_freq, duplicated halves, times attention_scaling)."""
-        freqs = positions.to(torch.float32)[:, :, None] * self.inv_freq[member][:, None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        scale = self.attention_scaling[member][:, None, None]
-        cos = (angles.cos() * scale).to(self.dtype)
-        sin = (angles.sin() * scale).to(self.dtype)
-        return cos[:, :, None, :], sin[:, :, None, :]
+        """cos and the signed sin (see _apply_rope), [N, Q, 1, hd] in the members' dtype, computed
+        in fp32 as the HF rotary module does (angle = position * inv_freq, duplicated halves, times
+        attention_scaling)."""
+        freqs = positions.to(torch.float32)[:, :, None, None] * self.inv_freq[member][:, None, None, :]
+        scale = self.attention_scaling[member][:, None, None, None]
+        cos, sin = freqs.cos() * scale, freqs.sin() * scale
+        return torch.cat((cos, cos), dim=-1).to(self.dtype), torch.cat((-sin, sin), dim=-1).to(self.dtype)
 
-    def _decoder_layer(self, layer, hidden, member, token_member, cos, sin, plan: CachePlan, cache: KVCache):
-        """Pre-norm attention block then pre-norm MLP block, residuals in the members' dtype."""
-        eps = self.eps[member][:, None, None]
-        normed = _rms_norm(hidden, self.input_norm[member, layer][:, None, :], eps)
-        hidden = hidden + self._attention(layer, normed, member, token_member, cos, sin, plan, cache)
-        normed = _rms_norm(hidden, self.post_attention_norm[member, layer][:, None, :], eps)
-        return hidden + self._mlp(layer, normed, token_member)
+    def _decoder_layer(self, layer: int, hidden: torch.Tensor, per: _PerForward, plan: CachePlan, cache: KVCache,
+                       only: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pre-norm attention block then pre-norm MLP block, residuals in the members' dtype.
+        hidden [N, Q, hidden] -> [N, Q, hidden], or [N, 1, hidden] at the token q = only[1][n] of
+        each sequence when `only` (sequence indices, token indices) is given."""
+        normed = _rms_norm(hidden, per.input_norm[layer], per.eps)
+        attention = self._attention(layer, normed, per, plan, cache, only)
+        if only is not None:
+            hidden = hidden[only][:, None, :]
+        hidden = hidden + attention
+        normed = _rms_norm(hidden, per.post_attention_norm[layer], per.eps)
+        token_member = per.token_member if only is None else per.sequence_member
+        return hidden.add_(self._mlp(layer, normed, token_member))
 
-    def _attention(self, layer, x, member, token_member, cos, sin, plan: CachePlan, cache: KVCache) -> torch.Tensor:
-        """x [N, Q, hidden] -> [N, Q, hidden]. Writes this layer's k / v of the valid tokens at
-        (member, slot, start + q), then each query attends to its own row's keys in [0, kv_len)."""
+    def _attention(self, layer: int, x: torch.Tensor, per: _PerForward, plan: CachePlan, cache: KVCache,
+                   only: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, Q, hidden] -> [N, Q, hidden] ([N, 1, hidden] for the queries `only`, see
+        _decoder_layer). Writes this layer's k / v of the valid tokens at (member, slot,
+        start + q), then each query attends to its own row's keys in [0, kv_len)."""
         lay = self.layout
         n, q_len, _ = x.shape
-        x_rows = x.reshape(n * q_len, lay.hidden)  # one row per token
-        qkv = grouped_linear(x_rows, token_member, self.qkv_weight[layer], self.qkv_bias[layer])
-        q, k, v = qkv.view(n, q_len, lay.heads + 2 * lay.kv_heads, lay.head_dim).split(
-            [lay.heads, lay.kv_heads, lay.kv_heads], dim=2
-        )
-        if self.q_norm is not None:  # Qwen3: RMSNorm over head_dim before RoPE
-            eps = self.eps[member][:, None, None, None]
-            q = _rms_norm(q, self.q_norm[member, layer][:, None, None, :], eps)
-            k = _rms_norm(k, self.k_norm[member, layer][:, None, None, :], eps)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-
-        flat = (n * q_len, lay.kv_heads, lay.head_dim)
-        write_layer(cache.key, layer, plan, k.reshape(flat))
-        write_layer(cache.value, layer, plan, v.reshape(flat))
-        keys, values = cache.key[layer], cache.value[layer]  # [rows + 1, S, KVH, hd]
-        kv_len = plan.key_positions.shape[0]
-        # Slice before gathering, so only kv_len positions of the N rows are copied.
-        row_keys = keys[:, :kv_len].index_select(0, plan.read_rows).transpose(1, 2)  # [N, KVH, kv_len, hd]
-        row_values = values[:, :kv_len].index_select(0, plan.read_rows).transpose(1, 2)
-        groups = lay.heads // lay.kv_heads
-        mask = attention_mask(plan, self.window[member, layer])
-        # Like HF's sdpa path with a mask: keys / values repeated per query head, one SDPA call.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), _repeat_kv(row_keys, groups), _repeat_kv(row_values, groups),
-            attn_mask=mask, scale=self.scaling,
-        )
+        qkv = grouped_linear(x.reshape(n * q_len, lay.hidden), per.token_member, self.qkv_weight[layer],
+                             self.qkv_bias[layer])
+        qkv = qkv.view(n, q_len, lay.heads + 2 * lay.kv_heads, lay.head_dim)
+        # q and k heads are adjacent: one norm (Qwen3) and one RoPE over both, written back in
+        # place, so the k and v heads that follow are the [2, KVH, hd] blocks the cache stores.
+        qk = qkv[:, :, : lay.heads + lay.kv_heads]
+        if per.qk_norm is None:
+            _apply_rope_(qk, per.cos, per.sin_signed)
+        else:
+            qk.copy_(_apply_rope_(_rms_norm(qk, per.qk_norm[layer], per.eps[..., None]), per.cos, per.sin_signed))
+        write_layer(cache, layer, plan, qkv[:, :, lay.heads :].reshape(n * q_len, 2, lay.kv_heads, lay.head_dim))
+        keys, values = read_rows(cache, layer, plan)  # [N, KVH, kv_len, hd] each
+        mask = per.masks[layer]
+        token_member = per.token_member
+        if only is not None:  # each sequence's query `only`: [N, 1, ...]
+            qkv, mask = qkv[only][:, None], mask[only[0], :, only[1]][:, :, None]
+            token_member, q_len = per.sequence_member, 1
+        query = qkv[:, :, : lay.heads].transpose(1, 2)
+        if self._sdpa_gqa:
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
+                                                 enable_gqa=True)
+        else:  # like HF's sdpa path with a mask: keys / values repeated per query head
+            groups = lay.heads // lay.kv_heads
+            out = F.scaled_dot_product_attention(query, _repeat_kv(keys, groups), _repeat_kv(values, groups),
+                                                 attn_mask=mask, scale=self.scaling)
         out = out.transpose(1, 2).reshape(n * q_len, lay.heads * lay.head_dim)
         return grouped_linear(out, token_member, self.o_weight[layer], self.o_bias[layer]).view(n, q_len, lay.hidden)
 
@@ -436,24 +492,36 @@ class StackedGroup:
         x_rows = x.reshape(n * q_len, hidden)
         gate_up = grouped_linear(x_rows, token_member, self.gate_up_weight[layer], self.gate_up_bias[layer])
         gate, up = gate_up.chunk(2, dim=-1)
-        out = grouped_linear(F.silu(gate) * up, token_member, self.down_weight[layer], self.down_bias[layer])
+        out = grouped_linear(F.silu(gate).mul_(up), token_member, self.down_weight[layer], self.down_bias[layer])
         return out.view(n, q_len, hidden)
 
-    def _final_logits(self, hidden, member, token_member, count, mode: str) -> torch.Tensor | None:
-        """Final RMSNorm and lm_head: "last" float32 [N, V], "all" float32 [N, Q, V], "none" None."""
+    def _final_logits(self, hidden, member, per: _PerForward, mode: str) -> torch.Tensor | None:
+        """Final RMSNorm and lm_head: "last" float32 [N, V] (hidden is then [N, 1, hidden], each
+        sequence's last token), "all" float32 [N, Q, V], "none" None."""
         if mode == "none":
             return None
         n, q_len, dim = hidden.shape
-        eps = self.eps[member][:, None, None]
         if mode == "last":
-            last = (count.to(torch.int64) - 1).clamp(min=0)
-            hidden = hidden[torch.arange(n, device=hidden.device), last][:, None, :]  # [N, 1, hidden]
             heads = self.lm_head_index[member]
         else:
-            heads = self.lm_head_index[token_member.to(torch.int64)]
-        normed = _rms_norm(hidden, self.final_norm[member][:, None, :], eps)
+            heads = self.lm_head_index[per.token_member.to(torch.int64)]
+        normed = _rms_norm(hidden, self.final_norm[member][:, None, :], per.eps)
         out = grouped_linear(normed.reshape(-1, dim), heads, self.vocab_weight, None).to(torch.float32)
         return out.view(n, self.layout.vocab) if mode == "last" else out.view(n, q_len, self.layout.vocab)
+
+
+class _PerForward(NamedTuple):
+    """Per-forward gathers shared by all layers (see StackedGroup._per_forward)."""
+
+    sequence_member: torch.Tensor  # int32 [N]
+    token_member: torch.Tensor  # int32 [N * Q]
+    eps: torch.Tensor  # fp32 [N, 1, 1]
+    input_norm: list[torch.Tensor]  # per layer [N, 1, hidden]
+    post_attention_norm: list[torch.Tensor]
+    qk_norm: list[torch.Tensor] | None  # per layer [N, 1, H + KVH, hd] (Qwen3)
+    cos: torch.Tensor  # [N, Q, 1, hd]
+    sin_signed: torch.Tensor  # [N, Q, 1, hd]
+    masks: list[torch.Tensor]  # per layer [N, 1, Q, kv_len], additive
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,16 +532,25 @@ class StackedGroup:
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2) + eps)): statistics in fp32, cast back to x's dtype before the
     scale (LlamaRMSNorm). weight and eps (fp32) broadcast against x [..., D]."""
-    xf = x.to(torch.float32)
+    xf = x.float()
     variance = xf.pow(2).mean(-1, keepdim=True)
-    return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
+    # In place on this function's own temporaries only (x may be a view of a live tensor).
+    normed = xf * variance.add_(eps).rsqrt_()
+    if x.dtype != torch.float32:  # (a no-op .to still costs a dispatch)
+        normed = normed.to(x.dtype)
+    return normed.mul_(weight)
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, Q, heads, hd] rotated by position: x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, Q, heads, hd] by position in place (x may be a view): HF's
+    x * cos + rotate_half(x) * sin. Returns x.
+
+    rotate_half(x) = cat(-x2, x1) is computed as roll(x) = cat(x2, x1) times sin_signed =
+    cat(-sin1, sin2): the same products bit for bit (a sign flip is exact), in one roll instead of
+    two slices, a negation and a cat.
+    """
+    rotated = x.roll(x.shape[-1] // 2, dims=-1).mul_(sin_signed)
+    return x.mul_(cos).add_(rotated)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -352,6 +352,30 @@ def test_multi_token_catch_up_equals_token_by_token():
     assert (both[0] - reference[:3]).abs().max().item() <= FP32_TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_last_logits_equal_all_logits_at_each_last_token(dtype):
+    """logits="last" runs the last layer past attention on each sequence's last token only; its
+    logits and cache writes match logits="all" at q = count - 1 (ragged counts, a count-0 row)."""
+    models = [build("llama-gqa", 80, dtype), build("mistral-sliding", 81, dtype)]
+    group = StackedGroup.from_models(models)
+    caches = {mode: group.new_cache(2, 24) for mode in ("last", "all")}
+    prompts = padded([random_prompt(82, 7), random_prompt(83, 4), random_prompt(84, 6)], 7)
+    member, slot = one_row([0, 1, 1], torch.int32), one_row([0, 0, 1])
+    for cache in caches.values():
+        group.forward(cache, prompts, member, slot, one_row([0, 0, 0]), one_row([7, 4, 6]), kv_len=7, logits="none")
+    tokens = torch.randint(0, VOCAB, (3, 4), generator=torch.Generator().manual_seed(85))
+    start, count = one_row([7, 4, 6]), one_row([4, 2, 0])
+    out = {mode: group.forward(cache, tokens, member, slot, start, count, kv_len=11, logits=mode)
+           for mode, cache in caches.items()}
+    # Fewer rows may change a GEMM's blocking (rounding), not the math: fp32 ~1e-6, bf16 an ulp.
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for row in (0, 1):
+        expected = out["all"][row, count[row] - 1]
+        assert (out["last"][row] - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())
+    # Every layer's keys / values come from all tokens in both modes: the same ops, bit for bit.
+    assert torch.equal(caches["last"].kv[:, :-1], caches["all"].kv[:, :-1])
+
+
 def test_one_grouped_linear_call_per_projection(monkeypatch):
     """4 grouped_linear calls per layer + 1 lm_head, however many members the rows use."""
     models = build_family("llama-mistral-untied", seed=50)
