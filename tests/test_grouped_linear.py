@@ -119,6 +119,27 @@ def test_random_routings(device, dtype, bias, T, K, N, M):
     assert_matches_oracle(out, x, members, weight, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17])
+@pytest.mark.parametrize("K,N", [(8, 4), (7, 3), (33, 17), (260, 130)])
+def test_cpu_gemv_rows_and_tails(dtype, rows, K, N):
+    # The CPU op's fused GEMV (few rows per member): every row count around its thresholds and
+    # row pairs, K not a multiple of the 8-wide loads, N not a multiple of the 4-row weight
+    # blocks, with and without bias, all rows on one member and spread over three.
+    for members in ([0] * rows, [i % 3 for i in range(rows)]):
+        for bias in (True, False):
+            x, ids, w, b = make_problem(rows, K, N, 3, dtype, "cpu", bias=bias, seed=rows + K, members=members)
+            assert_matches_oracle(run(x, ids, w, b), x, ids, w, b)
+
+
+def test_cpu_gemv_weight_with_column_stride():
+    # A weight whose K dimension is not unit-stride takes the GEMM path; same values.
+    x, ids, w, b = make_problem(3, 24, 12, 2, torch.bfloat16, "cpu")
+    w_strided = w.transpose(1, 2).contiguous().transpose(1, 2)  # [M, N, K] with stride(2) = N
+    assert w_strided.stride(2) != 1
+    assert_matches_oracle(run(x, ids, w_strided, b), x, ids, w_strided, b)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T", [1, 16, 40])
