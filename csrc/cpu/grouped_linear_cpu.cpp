@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -133,9 +135,9 @@ bool has_avx2_fma_f16c() {
 #endif
 
 // y[r, n] = sum_k x[r, k] * w[n, k] (+ bias[n]) in fp32: x fp32 [R, K] contiguous, w [N, K] with
-// row stride ldw and unit column stride, y fp32 [R, N]; R <= kGemvRows.
-template <typename W>
-void gemv(const float* x, int64_t R, const W* w, int64_t ldw, int64_t N, int64_t K, const float* bias, float* y) {
+// row stride ldw and unit column stride, bias [N] contiguous or null, y fp32 [R, N]; R <= kGemvRows.
+template <typename W, typename B>
+void gemv(const float* x, int64_t R, const W* w, int64_t ldw, int64_t N, int64_t K, const B* bias, float* y) {
 #ifdef ME_X86
   const auto dot = has_avx2_fma_f16c() ? dot_block_avx2<W> : dot_block_scalar<W>;
 #else
@@ -151,7 +153,7 @@ void gemv(const float* x, int64_t R, const W* w, int64_t ldw, int64_t N, int64_t
       const int64_t cols = std::min(kColBlock, N - n);
       dot(x, K, R, w + n * ldw, ldw, cols, K, acc);
       for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < cols; ++j) y[r * N + n + j] = acc[r * kColBlock + j] + (bias ? bias[n + j] : 0.f);
+        for (int64_t j = 0; j < cols; ++j) y[r * N + n + j] = acc[r * kColBlock + j] + (bias ? to_float(bias[n + j]) : 0.f);
     }
   });
 }
@@ -167,7 +169,7 @@ at::Tensor member_product(const at::Tensor& xs, const at::Tensor& w, const c10::
   if (R <= gemv_rows && w.stride(1) == 1) {
     const auto xf = xs.to(at::kFloat).contiguous();
     const auto bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    const float* b = bf.defined() ? bf.data_ptr<float>() : nullptr;
+    const float* b = bf.defined() ? bf.data_ptr<float>() : static_cast<const float*>(nullptr);
     auto y = at::empty({R, N}, xs.options().dtype(at::kFloat));
     const float* xp = xf.data_ptr<float>();
     float* yp = y.data_ptr<float>();
@@ -187,6 +189,50 @@ at::Tensor member_product(const at::Tensor& xs, const at::Tensor& w, const c10::
   return y.to(dtype);
 }
 
+// A decode-sized batch (T <= kGemvRows rows in all): the rows are grouped by member with a host
+// loop and run through the GEMV straight from / into the tensors' memory (dtype conversions in
+// the loops), without the per-call tensor allocations of the general path, which cost more than
+// the products for the small members of a CPU decode step. A member with more rows than the
+// GEMV takes for its dtype goes through member_product.
+template <typename T_>
+at::Tensor small_batch(const at::Tensor& x, const at::Tensor& members, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias) {
+  const int64_t T = x.size(0), K = x.size(1), M = weight.size(0), N = weight.size(1);
+  const auto ids = members.contiguous();
+  const int32_t* id = ids.data_ptr<int32_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK_VALUE(id[t] >= 0 && id[t] < M, "grouped_linear: members[", t, "] = ", id[t],
+                      " is outside [0, num_members=", M, ")");
+  auto out = at::empty({T, N}, x.options());
+  T_* y_out = out.data_ptr<T_>();
+  const auto bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t gemv_rows = std::is_same_v<T_, float> ? kGemvRows : kGemvRowsHalf;
+  const T_* xp = x.data_ptr<T_>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  std::vector<float> xf(T * K), yf(T * N);
+  int64_t rows[kGemvRows];
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t R = 0;
+    for (int64_t t = 0; t < T; ++t)
+      if (id[t] == m) rows[R++] = t;
+    if (R == 0) continue;
+    if (R > gemv_rows) {  // prefill-like group: the general product
+      const auto idx = at::from_blob(rows, {R}, at::TensorOptions().dtype(at::kLong)).clone();
+      const c10::optional<at::Tensor> bias_m = bias.has_value() ? c10::optional<at::Tensor>((*bias)[m]) : c10::nullopt;
+      out.index_copy_(0, idx, member_product(x.index_select(0, idx), weight[m], bias_m));
+      continue;
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < K; ++k) xf[r * K + k] = to_float(xp[rows[r] * xs0 + k * xs1]);
+    const T_* w = weight.data_ptr<T_>() + m * weight.stride(0);
+    const T_* b = bias_c.defined() ? bias_c.data_ptr<T_>() + m * N : nullptr;
+    gemv(xf.data(), R, w, weight.stride(1), N, K, b, yf.data());
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t n = 0; n < N; ++n) y_out[rows[r] * N + n] = static_cast<T_>(yf[r * N + n]);
+  }
+  return out;
+}
+
 }  // namespace
 
 at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& members, const at::Tensor& weight,
@@ -196,6 +242,13 @@ at::Tensor grouped_linear_cpu(const at::Tensor& x, const at::Tensor& members, co
   const int64_t T = x.size(0);
   const int64_t M = weight.size(0);
   const int64_t N = weight.size(1);
+  if (T > 0 && N > 0 && T <= kGemvRows && weight.stride(2) == 1) {
+    switch (x.scalar_type()) {
+      case at::kFloat: return small_batch<float>(x, members, weight, bias);
+      case at::kBFloat16: return small_batch<at::BFloat16>(x, members, weight, bias);
+      default: return small_batch<at::Half>(x, members, weight, bias);
+    }
+  }
   auto out = at::empty({T, N}, x.options());
   auto [order, offsets] = group_rows_cpu(members, M);  // also rejects ids outside [0, M)
   if (T == 0 || N == 0) return out;
