@@ -21,6 +21,10 @@ grouped_linear     csrc/ (me_kernels._C, CUDA and C++)     grouped_linear_refere
 group_rows         csrc/ (me_kernels._C, CUDA and C++)     group_rows_reference             tests/test_group_rows.py         bench/bench_group_rows.py
 =================  ======================================  ===============================  ===============================  ===============================
 
+The sampling ops also have compiled CPU kernels (csrc/cpu/sampling_cpu.cpp, the CPU path when
+the extension is built): they draw the reference's tokens exactly, tested for every op in
+tests/test_cpu_kernels.py and timed against the reference by bench/bench_cpu_kernels.py.
+
 The sampling kernels share the row pipeline of me_kernels._rows (design in its docstring; passes
 in _row_passes, register-level threshold search in _row_search) and the Philox streams of
 _random (Triton) / _philox (torch). Arguments are validated by me_kernels._validate with the
