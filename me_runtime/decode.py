@@ -244,8 +244,8 @@ def decode(
     if method == "me":
         decoder.first_members()
     bar = tqdm(total=max_new_tokens, disable=not progress, desc=f"generate ({method})", unit="tok")
-    engine.begin(batch)
     try:
+        engine.begin(batch)
         for t in range(max_new_tokens):
             out = step(t)
             batch.generated[:, t] = out.tokens

@@ -36,11 +36,20 @@ from .stacked import StackedGroup, shape_key, unsupported_reason
 # Tokens per forward chunk: a long catch-up (a prompt) runs in chunks of at most this many tokens
 # over all its sequences, so activations stay bounded; the cache makes chunking exact.
 CHUNK_TOKENS = 4096
+# Scoring keeps at most this many bytes of fp32 logits (all members) per chunk of positions.
+SCORE_LOGIT_BYTES = 1 << 30
 
 
 def check_supported(models: list[torch.nn.Module]) -> list[str | None]:
-    """unsupported_reason for each member (None where the stacked engine can run it)."""
-    return [unsupported_reason(m) for m in models]
+    """unsupported_reason for each member (None where the stacked engine can run it). Members
+    must share one device: the stacked step runs on the sampling device (the first member's)."""
+    reasons = [unsupported_reason(m) for m in models]
+    first = next(models[0].parameters()).device
+    for i, model in enumerate(models):
+        device = next(model.parameters()).device
+        if reasons[i] is None and device != first:
+            reasons[i] = f"it is on {device} and member 0 on {first} (the stacked engine runs members on one device; use engine='hf')"
+    return reasons
 
 
 def _bucket(n: int, device: torch.device) -> int:
@@ -67,9 +76,7 @@ class GraphedForward:
         if key not in self.graphs:
             self.graphs[key] = self._capture(rows, q, kv_len, logits, tokens.device)
         graph, static, out = self.graphs[key]
-        for buf, value in zip(static, (tokens, member, slot, start, count)):
-            buf[:n].copy_(value)
-        static[4][n:].zero_()  # padded rows: count 0
+        stage_inputs(static, (tokens, member, slot, start, count))
         graph.replay()
         return None if out is None else out[:n].clone()
 
@@ -87,6 +94,21 @@ class GraphedForward:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.group.forward(self.cache, *static, kv_len=kv_len, logits=logits)
         return graph, static, out
+
+
+def stage_inputs(static: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...]) -> None:
+    """Copy a step's (tokens, member, slot, start, count) for n rows into a graph's static buffers
+    of a bucket's row count. Padded rows are copies of row 0 with count 0: they write only the
+    cache's trash row, and their member is one the real rows use (a member no row chose would
+    make grouped_linear read its weights: the memory traffic ME exists to avoid)."""
+    n = values[0].shape[0]
+    rows = static[0].shape[0]
+    for buf, value in zip(static, values):
+        buf[:n].copy_(value)
+    if n < rows:
+        for buf in static[1:4]:
+            buf[n:].copy_(buf[:1].expand(rows - n))
+        static[4][n:].zero_()
 
 
 def run_sequences(group: StackedGroup, cache, tokens_buf: torch.Tensor, pad: torch.Tensor, rows: torch.Tensor,
@@ -136,6 +158,8 @@ class StackedEngine:
             for j, i in enumerate(ids):
                 self.member_group[i], local[i] = g, j
         self.member_local = torch.tensor(local, dtype=torch.long, device=sampling_device)
+        # built once: a host -> device copy inside a step would wait for the device
+        self.group_ids_dev = [torch.tensor(ids, dtype=torch.long, device=sampling_device) for ids in self.group_members]
         self.member_group_dev = torch.tensor(self.member_group, dtype=torch.long, device=sampling_device)
         self.caches: list = []
         self.forwards: list = []  # GraphedForward per group (CUDA graphs), else None
@@ -161,8 +185,12 @@ class StackedEngine:
                 c.slots >= slots and c.max_seq_len >= capacity for c in self.caches)
             if fits:
                 slots, capacity = self.caches[0].slots, self.caches[0].max_seq_len
+                # Stale keys / values are masked (weight 0), but 0 * inf from an earlier call
+                # would be NaN: start from zeros as a fresh cache does.
+                for cache in self.caches:
+                    cache.kv.zero_()
         if not (graphs and fits):
-            self.caches = []  # free the old caches before allocating the new ones
+            self.forwards, self.caches = [], []  # free the old graphs and caches before the new ones
             self.caches = [g.new_cache(slots=slots, max_seq_len=capacity) for g in self.groups]
             self.forwards = [GraphedForward(g, c, self._graph_pool) if graphs else None
                              for g, c in zip(self.groups, self.caches)]
@@ -207,7 +235,7 @@ class StackedEngine:
         out = torch.empty((self.num_members, batch.size, self.vocab_size), dtype=torch.float32, device=self.sampling_device)
         for g, ids in enumerate(self.group_members):
             n = len(ids)
-            ids_dev = torch.tensor(ids, dtype=torch.long, device=self.sampling_device)
+            ids_dev = self.group_ids_dev[g]
             rows = torch.arange(batch.size, device=self.sampling_device).repeat(n)
             members = ids_dev.repeat_interleave(batch.size)
             rows_host = list(range(batch.size)) * n
@@ -268,7 +296,10 @@ class StackedEngine:
         width = max(lengths)
         buf = torch.tensor([s + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=dev)
         pad = torch.zeros(len(seqs), dtype=torch.long, device=dev)
-        self._allocate(len(seqs), width)
+        if width > self.max_seq_len:
+            raise ValueError(f"a sequence needs {width} cache positions but max_seq_len is {self.max_seq_len}")
+        # Caches of its own: scoring leaves the generation caches (and their CUDA graphs) alone.
+        caches = [g.new_cache(slots=len(seqs), max_seq_len=width) for g in self.groups]
         rows_n = len(seqs)
         prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
         total = torch.tensor(lengths, dtype=torch.long, device=dev)
@@ -287,12 +318,14 @@ class StackedEngine:
                     qc = min(max(1, CHUNK_TOKENS // len(rows)), q - c0)
                     s = torch.full_like(first, c0).repeat(n)
                     e = torch.minimum(first.repeat(n), s + qc)
-                    run_sequences(self.groups[g], self.caches[g], buf, pad, rows, local, slot, s, e, q=qc,
+                    run_sequences(self.groups[g], caches[g], buf, pad, rows, local, slot, s, e, q=qc,
                                   kv_len=min(c0 + qc, width), logits="none")
             member_logps.append((ids, rows, local, slot))
         # scored positions in chunks of qc, all groups at each chunk, mixed over members
         out = torch.zeros(rows_n, dtype=torch.float64, device=dev)
-        qc = max(1, min(cmax, CHUNK_TOKENS // (rows_n * self.num_members)))
+        # positions per chunk: at most CHUNK_TOKENS tokens and SCORE_LOGIT_BYTES of logits at once
+        per_position = rows_n * self.num_members
+        qc = max(1, min(cmax, CHUNK_TOKENS // per_position, SCORE_LOGIT_BYTES // (per_position * self.vocab_size * 4)))
         for c0 in range(0, cmax, qc):
             stacked = torch.empty((self.num_members, rows_n, qc, self.vocab_size), dtype=torch.float32, device=dev)
             s = first + c0
@@ -300,14 +333,13 @@ class StackedEngine:
             kv_len = min(max(len(p) for p in prompts) - 1 + c0 + qc, width)
             for g, (ids, rows, local, slot) in enumerate(member_logps):
                 n = len(ids)
-                logits = run_sequences(self.groups[g], self.caches[g], buf, pad, rows, local, slot, s.repeat(n),
+                logits = run_sequences(self.groups[g], caches[g], buf, pad, rows, local, slot, s.repeat(n),
                                        e.repeat(n), q=qc, kv_len=kv_len, logits="all")
-                stacked[torch.tensor(ids, device=dev)] = logits.reshape(n, rows_n, qc, -1).to(dev)
+                stacked[self.group_ids_dev[g]] = logits.reshape(n, rows_n, qc, -1).to(dev)
             logmix = me_kernels.mixture_logprobs(stacked.reshape(self.num_members, rows_n * qc, -1), weights)
             pos = s[:, None] + torch.arange(qc, device=dev)[None, :]  # position that predicts pos + 1
             valid = pos < (total - 1)[:, None]
             targets = buf.gather(1, (pos + 1).clamp(max=width - 1))
             lp = logmix.reshape(rows_n, qc, -1).gather(2, targets[:, :, None]).squeeze(2).double()
             out += lp.masked_fill(~valid, 0.0).sum(1)
-        self.end()
         return out.tolist()

@@ -13,7 +13,7 @@ import me_kernels
 import me_runtime.stacked as stacked_module
 from me_runtime import Ensemble
 from me_runtime.decode import Batch
-from me_runtime.stacked_engine import StackedEngine, run_sequences
+from me_runtime.stacked_engine import StackedEngine, run_sequences, stage_inputs
 from tiny_models import tiny_member
 
 V = 11
@@ -203,3 +203,16 @@ def test_cuda_graph_replay_gives_the_eager_tokens(method, monkeypatch):
         runs[graphs] = [[(g.token_ids, g.members, g.finish_reason) for g in out] for out in outs]
     assert runs["1"] == runs["0"]
     assert runs["1"][0] == runs["1"][1] and runs["1"][2] == runs["1"][0][:2]
+
+
+def test_graph_inputs_pad_rows_with_row_0_and_count_0():
+    # A CUDA graph's bucket has more rows than the step: padded rows must be no-ops (count 0)
+    # on a member the real rows use (else grouped_linear would read an unchosen member's weights).
+    static = (torch.full((4, 2), 9),) + tuple(torch.full((4,), 9) for _ in range(4))
+    values = (torch.tensor([[1, 2], [3, 4], [5, 6]]), torch.tensor([2, 2, 1]), torch.tensor([0, 1, 2]),
+              torch.tensor([5, 6, 7]), torch.tensor([2, 1, 2]))
+    stage_inputs(static, values)
+    tokens, member, slot, start, count = static
+    assert tokens[:3].tolist() == values[0].tolist()
+    assert member.tolist() == [2, 2, 1, 2] and slot.tolist() == [0, 1, 2, 0] and start.tolist() == [5, 6, 7, 5]
+    assert count.tolist() == [2, 1, 2, 0]
