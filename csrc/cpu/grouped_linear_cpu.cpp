@@ -34,7 +34,7 @@ namespace me {
 namespace {
 
 constexpr int64_t kGemvRows = 16;     // fp32 rows per member up to which the fused GEMV is used
-constexpr int64_t kGemvRowsHalf = 2;  // the same for bf16 / fp16 weights
+constexpr int64_t kGemvRowsHalf = 4;  // the same for bf16 / fp16 weights
 constexpr int64_t kColBlock = 4;   // weight rows (outputs) per block
 
 inline float to_float(float v) { return v; }
@@ -163,8 +163,9 @@ at::Tensor member_product(const at::Tensor& xs, const at::Tensor& w, const c10::
   const auto dtype = xs.scalar_type();
   const int64_t R = xs.size(0), N = w.size(0), K = w.size(1);
   // fp32: the GEMV up to kGemvRows rows; bf16 / fp16: up to kGemvRowsHalf, beyond which torch's
-  // bf16 GEMM (a blocked kernel) overtakes a GEMV (measured: 1408 x 256 weights, 4 rows 31 us
-  // against 39 us, 8 rows 37 us against 71 us).
+  // bf16 GEMM (a blocked kernel) overtakes a GEMV (measured alone on 1408 x 256 weights: 4 rows
+  // 31 us against 39 us, 8 rows 37 us against 71 us; inside a decode forward the GEMM path's
+  // gathers and allocations make the GEMV the faster one still at 3-4 rows).
   const int64_t gemv_rows = dtype == at::kFloat ? kGemvRows : kGemvRowsHalf;
   if (R <= gemv_rows && w.stride(1) == 1) {
     const auto xf = xs.to(at::kFloat).contiguous();
