@@ -544,3 +544,52 @@ def test_forward_compiles_fullgraph_and_matches_eager():
         assert torch.allclose(compiled_cache.key[:, :-1], eager_cache.key[:, :-1], atol=1e-5, rtol=0)
         assert torch.allclose(compiled_cache.value[:, :-1], eager_cache.value[:, :-1], atol=1e-5, rtol=0)
     print(f"compile + run of 2 shapes: {time.perf_counter() - began:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (GPU machine): the same forward on the device, against Hugging Face on the device
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _device_logits(model, group, token_ids: list[int], prompt_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HF logits, stacked logits), both fp32 [len - prompt_len + 1, V] on the CPU, teacher-forced
+    on `device`: the prompt in one forward, then one token per step."""
+    ids = torch.tensor([token_ids], device=device)
+    hf_cache = DynamicCache(config=model.config)
+    cache = group.new_cache(1, len(token_ids) + 1)
+    chunks = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, len(token_ids))]
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    hf, ours = [], []
+    for a, b in chunks:
+        hf.append(model(ids[:, a:b], past_key_values=hf_cache, use_cache=True).logits[0, -1].float().cpu())
+        logits = group.forward(cache, ids[:, a:b], zero, zero, torch.full((1,), a, device=device),
+                               torch.full((1,), b - a, device=device), kv_len=b)
+        ours.append(logits[0].cpu())
+    return torch.stack(hf), torch.stack(ours)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_forward_matches_hf_on_the_device(case, dtype):
+    # fp32 grouped_linear runs as 3xTF32 on CUDA (close to fp32 FMA, not bit-identical); bf16 as
+    # on the CPU: within HF bf16's own distance from the exact (fp32, CPU) logits plus one bf16
+    # step of the largest logit.
+    model_cpu = build(case, seed=5)
+    prompt = random_prompt(6)
+    steps = 20
+    tokens = model_cpu.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, PROMPT_LEN, dtype=torch.long),
+        do_sample=False, max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0,
+    )[0].tolist()
+    exact = hf_logits(model_cpu, tokens, PROMPT_LEN)
+    model = build(case, seed=5, dtype=dtype).cuda()
+    group = StackedGroup.from_models([model])
+    hf, ours = _device_logits(model, group, tokens, PROMPT_LEN, torch.device("cuda"))
+    scale = exact.abs().max().item()
+    hf_error = (hf - exact).abs().max().item()
+    allowed = hf_error + scale * (2.0**-8 if dtype == torch.bfloat16 else 1e-4)
+    diff = (ours - hf).abs().max().item()
+    print(f"{case} {dtype}: cuda max abs diff vs HF {diff:.3g}; HF vs exact {hf_error:.3g}")
+    assert diff <= allowed
