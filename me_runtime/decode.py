@@ -88,8 +88,10 @@ class Batch:
 
 
 class Engine(Protocol):
-    """What the decode loop needs from an engine (see hf_engine.py and stacked_engine.py)."""
+    """What the decode loop (and Ensemble) needs from an engine (see hf_engine.py and
+    stacked_engine.py)."""
 
+    name: str  # "hf" | "stacked"
     num_members: int
 
     def begin(self, batch: Batch) -> None:
@@ -107,6 +109,9 @@ class Engine(Protocol):
 
     def end(self) -> None:
         """Release the per-call state."""
+
+    def score(self, prompts: list[list[int]], conts: list[list[int]], weights: torch.Tensor) -> list[float]:
+        """Exact mixture log-likelihood of each non-empty continuation (Ensemble.score_ids)."""
 
 
 @dataclass

@@ -144,6 +144,8 @@ class Ensemble:
         check_weights(weights, len(paths))  # fail before loading anything
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if max_seq_len is not None:
+            check_max_seq_len(max_seq_len, [])  # type and range, before loading anything
         devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(paths)
         if len(devices) != len(paths):
             raise ValueError(f"device has {len(devices)} entries but there are {len(paths)} paths")
@@ -361,8 +363,10 @@ class Ensemble:
             one float per sequence: sum over its tokens of log sum_m w_m p_m(token | context).
         """
         sequences = self._check_ids(token_ids, "token_ids", allow_empty=False)
-        if max_length is None:
-            max_length = default_max_length(self.models)
+        if max_length is None:  # the members' context, within max_seq_len
+            max_length = self.max_seq_len if self.max_seq_len is not None else default_max_length(self.models)
+        elif self.max_seq_len is not None and isinstance(max_length, int) and max_length > self.max_seq_len:
+            raise ValueError(f"max_length = {max_length} exceeds the Ensemble's max_seq_len: {self._limit_reason}")
         if prefix_token_id is None:
             prefix_token_id = default_prefix_token_id(self.models, self.tokenizer)
         elif isinstance(prefix_token_id, bool) or not isinstance(prefix_token_id, int):

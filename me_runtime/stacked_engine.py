@@ -36,8 +36,10 @@ from .stacked import StackedGroup, shape_key, unsupported_reason
 # Tokens per forward chunk: a long catch-up (a prompt) runs in chunks of at most this many tokens
 # over all its sequences, so activations stay bounded; the cache makes chunking exact.
 CHUNK_TOKENS = 4096
-# Scoring keeps at most this many bytes of fp32 logits (all members) per chunk of positions.
+# Scoring keeps at most this many bytes of fp32 logits (all members) per chunk of positions, and
+# caches of at most this many positions (rows x longest row x members) per chunk of rows.
 SCORE_LOGIT_BYTES = 1 << 30
+SCORE_CACHE_TOKENS = 1 << 16
 
 
 def check_supported(models: list[torch.nn.Module]) -> list[str | None]:
@@ -281,13 +283,24 @@ class StackedEngine:
         forward: per chunk of rows, every member reads the prompt (no logits), then the scored
         positions in chunks, so at most [M, rows * q, V] logits exist at once."""
         scores = [0.0] * len(prompts)
-        max_rows = max(1, CHUNK_TOKENS // 64)
-        for begin in range(0, len(prompts), max_rows):
-            idx = list(range(begin, min(begin + max_rows, len(prompts))))
+        for idx in self._score_chunks([len(p) + len(c) for p, c in zip(prompts, conts)]):
             values = self._score_rows([prompts[i] for i in idx], [conts[i] for i in idx], weights)
             for i, v in zip(idx, values):
                 scores[i] = v
         return scores
+
+    def _score_chunks(self, lengths: list[int]):
+        """Rows sorted by length, cut into chunks whose caches (rows x longest row, every member)
+        hold at most SCORE_CACHE_TOKENS positions: a chunk's cache is allocated at once."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        chunk: list[int] = []
+        for i in order:
+            if chunk and (len(chunk) + 1) * lengths[i] * self.num_members > SCORE_CACHE_TOKENS:
+                yield chunk
+                chunk = []
+            chunk.append(i)
+        if chunk:
+            yield chunk
 
     def _score_rows(self, prompts, conts, weights) -> list[float]:
         dev = self.sampling_device

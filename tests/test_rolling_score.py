@@ -92,14 +92,14 @@ def test_windowing_changes_the_score_of_a_long_sequence(ensemble):
 
 
 def test_default_max_length_is_the_smallest_member_context(members):
-    ens = Ensemble(members, weights=WEIGHTS)
     seq = _sequences([40], seed=3)[0]
     saved = members[1].config.max_position_embeddings
     try:
         members[1].config.max_position_embeddings = 9
-        got = ens.score_rolling_ids([seq], prefix_token_id=PREFIX)[0]
+        got = Ensemble(members, weights=WEIGHTS).score_rolling_ids([seq], prefix_token_id=PREFIX)[0]
     finally:
         members[1].config.max_position_embeddings = saved
+    ens = Ensemble(members, weights=WEIGHTS)
     assert got == pytest.approx(ens.score_rolling_ids([seq], max_length=9, prefix_token_id=PREFIX)[0], rel=1e-6)
     assert got == pytest.approx(brute_force(members, WEIGHTS, seq, PREFIX, 9), rel=1e-4, abs=1e-4)
 
@@ -158,3 +158,17 @@ def test_bad_arguments(ensemble):
         ensemble.score_rolling_ids([[1, 2]], prefix_token_id=V)
     with pytest.raises(ValueError, match=r"outside \[0, 7\)"):
         ensemble.score_rolling_ids([[1, V]], prefix_token_id=PREFIX)
+
+
+@pytest.mark.parametrize("engine", ["hf", "stacked"])
+def test_windows_stay_within_max_seq_len(members, engine):
+    # An Ensemble with a smaller max_seq_len scores long sequences in windows that fit it (exactly
+    # as an explicit max_length would), and refuses an explicit max_length beyond it.
+    ens = Ensemble(members, weights=[0.6, 0.4], engine=engine, max_seq_len=8)
+    seq = _sequences([30], seed=5)[0]
+    got = ens.score_rolling_ids([seq], prefix_token_id=0)[0]
+    wide = Ensemble(members, weights=[0.6, 0.4], engine=engine)
+    assert got == pytest.approx(wide.score_rolling_ids([seq], prefix_token_id=0, max_length=8)[0], rel=1e-6)
+    assert got == pytest.approx(brute_force(members, [0.6, 0.4], seq, 0, 8), rel=1e-4)
+    with pytest.raises(ValueError, match=r"max_length = 20 exceeds the Ensemble's max_seq_len"):
+        ens.score_rolling_ids([seq], prefix_token_id=0, max_length=20)

@@ -138,8 +138,12 @@ def test_weights_are_held_once():
     ens.generate_ids([[1, 2, 3]], max_new_tokens=4, seed=0)
     mem = ens.memory_bytes()
     assert mem["weights"] == param_bytes
-    cache = ens._engine.caches[0] if ens._engine.caches else None
-    assert mem["kv_cache"] > 0 and (cache is None or mem["kv_cache"] == cache.nbytes)
+    # the last call's cache: 3 members x 1 slot x (3 + 4) positions x layers x k and v
+    config = models[0].config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_position = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4
+    rows = 3 * 1 + 1  # every (member, slot) row and the trash row
+    assert mem["kv_cache"] == rows * (3 + 4) * per_position
     assert Ensemble(models, engine="hf").memory_bytes() == {"weights": param_bytes, "kv_cache": None}
 
 
