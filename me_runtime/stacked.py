@@ -16,6 +16,8 @@ a view of its slice of the stacked tensor, so the weights are held once.
 """
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -36,6 +38,14 @@ _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 # "No sliding window": larger than any position, small enough that position - window cannot overflow.
 _FULL_ATTENTION_WINDOW = 2**62
 _LOGITS_MODES = ("last", "all", "none")
+# model -> (weak reference to the StackedGroup holding its weights, its index there)
+_STACKED_IN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shares_storage(model: torch.nn.Module, group) -> bool:
+    """Whether any of the model's parameters is still a view of the group's stacked tensors."""
+    held = {t.untyped_storage().data_ptr() for t in group.weight_tensors()}
+    return any(p.untyped_storage().data_ptr() in held for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +183,9 @@ class StackedGroup:
 
         The models' parameters are re-pointed to views of the stacked tensors (they keep working,
         and the weights are held once). Built projection by projection, so peak memory stays near
-        the weights plus one stacked projection. A model must not be in two groups at once.
+        the weights plus one stacked projection. The same models in the same order, already
+        stacked, return their existing group (no second copy); models that another group holds
+        are stacked again with a warning (their weights are then held twice until that group goes).
         """
         models = list(models)
         if not models:
@@ -192,8 +204,25 @@ class StackedGroup:
                     "fields: hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, qkv_bias, o_bias, "
                     "mlp_bias, qk_norm, dtype, device)"
                 )
+        existing = [_STACKED_IN.get(m) for m in models]
+        group = existing[0][0]() if existing[0] is not None else None
+        if group is not None and group.num_members == len(models) and all(
+                e is not None and e[0]() is group and e[1] == j for j, e in enumerate(existing)):
+            # The same models, already stacked (e.g. a second Ensemble re-weighting them), if their
+            # parameters are still the group's views (not moved or cast since).
+            held = {t.untyped_storage().data_ptr() for t in group.weight_tensors()}
+            if all(p.untyped_storage().data_ptr() in held for m in models for p in m.parameters()):
+                return group
+        if any(e is not None and e[0]() is not None and _shares_storage(models[i], e[0]())
+               for i, e in enumerate(existing)):
+            warnings.warn(
+                "stacking models that another stacked group already holds: their weights are held twice "
+                "until that group (its Ensemble) is released", RuntimeWarning, stacklevel=2)
         self = object.__new__(cls)
         self._build(models, key)
+        ref = weakref.ref(self)
+        for j, model in enumerate(models):
+            _STACKED_IN[model] = (ref, j)
         return self
 
     def _build(self, models: list[torch.nn.Module], key: tuple) -> None:

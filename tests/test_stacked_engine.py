@@ -220,3 +220,16 @@ def test_graph_inputs_pad_rows_with_row_0_and_count_0():
     assert tokens[:3].tolist() == values[0].tolist()
     assert member.tolist() == [2, 2, 1, 2] and slot.tolist() == [0, 1, 2, 0] and start.tolist() == [5, 6, 7, 5]
     assert count.tolist() == [2, 1, 2, 0]
+
+
+def test_a_second_ensemble_of_the_same_members_shares_their_stacked_weights():
+    # Re-weighting the same members (the demo's score table does it) must not stack them again:
+    # the second Ensemble reuses the group, so the weights stay held once. Another order or
+    # subset is a new group, with a warning that the weights are then held twice.
+    models = llama_members(2)
+    a = Ensemble(models, engine="stacked")
+    b = Ensemble(models, weights=[1.0, 0.0], engine="stacked")
+    assert a._engine.groups[0] is b._engine.groups[0]
+    assert a.memory_bytes()["weights"] == sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    with pytest.warns(RuntimeWarning, match="held twice"):
+        Ensemble(models[::-1], engine="stacked")
