@@ -28,13 +28,11 @@ import torch.nn.functional as F
 # torch.ops.me.grouped_linear, whose fake implementation gives the output shape.
 from me_kernels import grouped_linear
 
+from .architectures import SUPPORTED_ARCHITECTURES, is_tied, shape_key, sliding_windows, unsupported_reason
 from .kv_cache import CachePlan, KVCache, attention_mask, plan_cache_access, read_rows, write_layer
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "StackedGroup", "shape_key", "unsupported_reason"]
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-# RoPE variants whose inverse frequencies change with the sequence length (dynamic_rope_update).
-_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 # "No sliding window": larger than any position, small enough that position - window cannot overflow.
 _FULL_ATTENTION_WINDOW = 2**62
 _LOGITS_MODES = ("last", "all", "none")
@@ -49,84 +47,8 @@ def _shares_storage(model: torch.nn.Module, group) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Which Hugging Face models can be stacked
+# Stacking (which models are supported and stack together: me_runtime/architectures.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def unsupported_reason(model: torch.nn.Module) -> str | None:
-    """None when `model` can run in the stacked engine, else a sentence saying why not."""
-    name = type(model).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(SUPPORTED_ARCHITECTURES)
-        return f"architecture {name} is not supported by the stacked engine (supported: {supported})"
-    config = model.config
-    if getattr(config, "hidden_act", None) != "silu":
-        return f"{name} uses hidden_act={config.hidden_act!r}; the stacked engine supports only 'silu'"
-    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
-    if any(kind in rope_type for kind in _LENGTH_DEPENDENT_ROPE):
-        return (f"{name} uses rope_type={rope_type!r} (frequencies depend on the length), "
-                "not supported by the stacked engine")
-    params = list(model.parameters())
-    dtypes = {p.dtype for p in params}
-    devices = {p.device for p in params}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        return (f"{name} has parameters of dtypes {sorted(map(str, dtypes))}; "
-                "the stacked engine needs one floating dtype")
-    if len(devices) != 1 or next(iter(devices)).type == "meta":
-        return f"{name} has parameters on devices {sorted(map(str, devices))}; the stacked engine needs one real device"
-    attn = model.model.layers[0].self_attn
-    if len({attn.q_proj.bias is None, attn.k_proj.bias is None, attn.v_proj.bias is None}) != 1:
-        return f"{name} has biases on only some of q/k/v; the stacked engine needs all or none"
-    for layer, window in enumerate(_sliding_windows(model)):
-        if window is not None and window < 1:
-            return f"{name} layer {layer} has sliding_window={window}; it must be >= 1"
-    return None
-
-
-def shape_key(model: torch.nn.Module) -> tuple:
-    """Members with equal keys can be stacked: sizes, which biases / norms exist, dtype, device.
-
-    (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, qkv_bias, o_bias, mlp_bias,
-    qk_norm, dtype, device). Tied or untied embeddings, RMSNorm eps, RoPE frequencies and sliding
-    windows may differ between stacked members (so may Llama and Mistral). Raises ValueError for
-    a model that unsupported_reason() refuses.
-    """
-    reason = unsupported_reason(model)
-    if reason is not None:
-        raise ValueError(reason)
-    attn = model.model.layers[0].self_attn
-    mlp = model.model.layers[0].mlp
-    embed = model.model.embed_tokens.weight
-    return (
-        embed.shape[1],
-        mlp.gate_proj.out_features,
-        len(model.model.layers),
-        attn.q_proj.out_features // attn.head_dim,
-        attn.k_proj.out_features // attn.head_dim,
-        attn.head_dim,
-        embed.shape[0],
-        attn.q_proj.bias is not None,
-        attn.o_proj.bias is not None,
-        mlp.gate_proj.bias is not None,
-        hasattr(attn, "q_norm"),
-        embed.dtype,
-        embed.device,
-    )
-
-
-def _sliding_windows(model: torch.nn.Module) -> list[int | None]:
-    """The sliding window of each layer as Hugging Face's masks apply it: Mistral masks every
-    layer with config.sliding_window; Qwen2 / Qwen3 only the layers whose layer_types entry is
-    "sliding_attention" (the attention module's sliding_window); Llama none."""
-    layers = model.model.layers
-    if type(model).__name__ == "MistralForCausalLM":
-        return [model.config.sliding_window] * len(layers)
-    return [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
-
-
-def _is_tied(model: torch.nn.Module) -> bool:
-    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
-    return head is embed or (head.data_ptr() == embed.data_ptr() and head.shape == embed.shape)
 
 
 @torch.no_grad()
@@ -281,7 +203,7 @@ class StackedGroup:
         _stack_parameters([d.norm.weight for d in decoders], self.final_norm)
 
         # Tying is per member: tied members read their lm_head from their embedding row.
-        untied = [m for m, model in enumerate(models) if not _is_tied(model)]
+        untied = [m for m, model in enumerate(models) if not is_tied(model)]
         self.vocab_weight = empty(num + len(untied), vocab, hidden)
         _stack_parameters([d.embed_tokens.weight for d in decoders], self.vocab_weight)
         _stack_parameters([models[m].lm_head.weight for m in untied], self.vocab_weight[num:])
@@ -300,7 +222,7 @@ class StackedGroup:
         self.inv_freq = torch.stack([d.rotary_emb.inv_freq.to(torch.float32) for d in decoders]).to(self.device)
         scaling = [float(d.rotary_emb.attention_scaling) for d in decoders]
         self.attention_scaling = torch.tensor(scaling, dtype=torch.float32, **table)
-        windows = [[_FULL_ATTENTION_WINDOW if w is None else int(w) for w in _sliding_windows(m)] for m in models]
+        windows = [[_FULL_ATTENTION_WINDOW if w is None else int(w) for w in sliding_windows(m)] for m in models]
         self.window = torch.tensor(windows, dtype=torch.int64, **table)
         # Layers whose members' windows agree share one attention mask per forward (usually all
         # layers do): the distinct window columns, None for full attention in every member.

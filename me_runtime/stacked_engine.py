@@ -31,7 +31,8 @@ import torch
 import me_kernels
 
 from .decode import Batch
-from .stacked import StackedGroup, shape_key, unsupported_reason
+from .architectures import shape_key, unsupported_reason
+from .stacked import StackedGroup
 
 # Tokens per forward chunk: a long catch-up (a prompt) runs in chunks of at most this many tokens
 # over all its sequences, so activations stay bounded; the cache makes chunking exact.
