@@ -51,8 +51,14 @@ MIN_P = FloatRange("min_p", 0.0, 1.0, False, False)
 TOP_K_MIN = 0
 
 
-def check_float(rule: FloatRange, value, name: str | None = None) -> float:
-    """A Python real in `rule`'s range -> float (TypeError / ValueError otherwise)."""
+def check_float(rule: FloatRange, value: float, name: str | None = None) -> float:
+    """A Python real in `rule`'s range -> float (TypeError / ValueError otherwise).
+
+    Example::
+
+        >>> check_float(TOP_P, 0.9)
+        0.9
+    """
     name = name or rule.name
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a tensor of shape [B], got {type(value).__name__}")
@@ -62,8 +68,14 @@ def check_float(rule: FloatRange, value, name: str | None = None) -> float:
     return x
 
 
-def check_int(value, name: str, lo: int) -> int:
-    """A Python integer >= lo -> int (TypeError / ValueError otherwise)."""
+def check_int(value: int, name: str, lo: int) -> int:
+    """A Python integer >= lo -> int (TypeError / ValueError otherwise).
+
+    Example::
+
+        >>> check_int(50, "top_k", 0)
+        50
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or an integer tensor of shape [B], got {type(value).__name__}")
     v = int(value)
@@ -72,23 +84,47 @@ def check_int(value, name: str, lo: int) -> int:
     return v
 
 
-def check_temperature(value) -> float:
-    """temperature: float in [0, inf] (0 = greedy, inf = uniform over the kept set)."""
+def check_temperature(value: float) -> float:
+    """temperature: float in [0, inf] (0 = greedy, inf = uniform over the kept set).
+
+    Example::
+
+        >>> check_temperature(0.7)
+        0.7
+    """
     return check_float(TEMPERATURE, value)
 
 
-def check_top_k(value) -> int:
-    """top_k: int >= 0 (0 = off)."""
+def check_top_k(value: int) -> int:
+    """top_k: int >= 0 (0 = off).
+
+    Example::
+
+        >>> check_top_k(0)
+        0
+    """
     return check_int(value, "top_k", TOP_K_MIN)
 
 
-def check_top_p(value) -> float:
-    """top_p: float in (0, 1] (1 = off)."""
+def check_top_p(value: float) -> float:
+    """top_p: float in (0, 1] (1 = off).
+
+    Example::
+
+        >>> check_top_p(1.0)
+        1.0
+    """
     return check_float(TOP_P, value)
 
 
-def check_min_p(value) -> float:
-    """min_p: float in [0, 1] (0 = off)."""
+def check_min_p(value: float) -> float:
+    """min_p: float in [0, 1] (0 = off).
+
+    Example::
+
+        >>> check_min_p(0.05)
+        0.05
+    """
     return check_float(MIN_P, value)
 
 

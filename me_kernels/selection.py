@@ -22,7 +22,7 @@ from ._dispatch import eager, on_device, use_triton
 from ._random import STREAM_MEMBER, gumbel_at
 from ._validate import SEED_ROW_NAMES, RowParams, check_batch, check_weights, seed_row_params
 
-__all__ = ["select_members", "draw_members"]
+__all__ = ["select_members"]  # draw_members: a @triton.jit building block for the package's kernels
 
 _MEMBER_STREAM = tl.constexpr(STREAM_MEMBER)
 

@@ -30,8 +30,8 @@ import torch
 
 import me_kernels
 
-from .decode import Batch
 from .architectures import shape_key, unsupported_reason
+from .decode import Batch
 from .stacked import StackedGroup
 
 # Tokens per forward chunk: a long catch-up (a prompt) runs in chunks of at most this many tokens
