@@ -135,6 +135,35 @@ def run_sequences(group: StackedGroup, cache, tokens_buf: torch.Tensor, pad: tor
     return group.forward(cache, tokens, member, slot, start, count, kv_len=kv_len, logits=logits)
 
 
+def catch_up_sequences(group: StackedGroup, cache, forward, tokens_buf: torch.Tensor, width: int,
+                       prompt_lens: torch.Tensor, t: int, rows: torch.Tensor, members: torch.Tensor,
+                       member_local: torch.Tensor, slots: torch.Tensor, consumed: torch.Tensor, *, q: int,
+                       n_chunks: int, kv_len: int) -> torch.Tensor:
+    """The device part of one catch-up: sequences (rows[i], members[i]) read their pending tokens,
+    positions [consumed[member, slot], prompt_len + t), in n_chunks chunks of q; `consumed` is
+    updated in place. Returns the float32 logits [N, V] at each sequence's last token.
+
+    tokens_buf int64 [B, C] (row b's position p at column width - prompt_lens[b] + p), prompt_lens
+    int64 [B], rows / members int64 [N], member_local / slots / consumed the engine's tables. Only
+    host ints shape the work: no host synchronisation (tested with torch.compile(fullgraph=True)).
+    """
+    slot = slots[rows]
+    start = consumed[members, slot]
+    end = prompt_lens[rows] + t
+    pad = width - prompt_lens
+    local = member_local[members]
+    # Chunks aligned on each sequence's END, so every sequence's last token is in the last chunk
+    # (whose logits are the step's).
+    logits = None
+    for c in range(n_chunks):
+        chunk_end = end - (n_chunks - 1 - c) * q
+        chunk_start = torch.maximum(start, chunk_end - q)
+        logits = run_sequences(group, cache, tokens_buf, pad, rows, local, slot, chunk_start, chunk_end, q=q,
+                               kv_len=kv_len, logits="last" if c == n_chunks - 1 else "none", forward=forward)
+    consumed[members, slot] = end
+    return logits
+
+
 class StackedEngine:
     """See the module docstring. Built once per Ensemble (stacking re-points the members' weights
     to views of the stacked tensors, so the weights are held once)."""
@@ -255,25 +284,10 @@ class StackedEngine:
         starts_host = [self.consumed[m][s] for m, s in zip(members_host, slots_host)]
         pending = max(e - s for e, s in zip(ends_host, starts_host))
         kv_len = min(_bucket(max(ends_host), batch.device), self.capacity)
-        slot = self.slots_dev[rows]
-        start = self.consumed_dev[members, slot]
-        end = batch.prompt_lens_dev[rows] + t
-        pad = batch.width - batch.prompt_lens_dev
-        local = self.member_local[members]
-        # Long catch-ups run in chunks aligned on each sequence's END, so every sequence's last
-        # token is in the last chunk (whose logits are the step's).
         q = min(_bucket(pending, batch.device), max(1, CHUNK_TOKENS // len(rows_host)))
-        n_chunks = -(-pending // q)
-        logits = None
-        for c in range(n_chunks):
-            back = (n_chunks - 1 - c) * q
-            chunk_end = end - back
-            chunk_start = torch.maximum(start, chunk_end - q)
-            last = c == n_chunks - 1
-            logits = run_sequences(self.groups[g], self.caches[g], batch.tokens, pad, rows, local, slot, chunk_start,
-                                   chunk_end, q=q, kv_len=kv_len, logits="last" if last else "none",
-                                   forward=self.forwards[g])
-        self.consumed_dev[members, slot] = end
+        logits = catch_up_sequences(self.groups[g], self.caches[g], self.forwards[g], batch.tokens, batch.width,
+                                    batch.prompt_lens_dev, t, rows, members, self.member_local, self.slots_dev,
+                                    self.consumed_dev, q=q, n_chunks=-(-pending // q), kv_len=kv_len)
         for m, s, e in zip(members_host, slots_host, ends_host):
             self.consumed[m][s] = e
         return logits.to(self.sampling_device)

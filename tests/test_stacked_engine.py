@@ -13,7 +13,7 @@ import me_kernels
 import me_runtime.stacked as stacked_module
 from me_runtime import Ensemble
 from me_runtime.decode import Batch
-from me_runtime.stacked_engine import StackedEngine, run_sequences, stage_inputs
+from me_runtime.stacked_engine import StackedEngine, catch_up_sequences, stage_inputs
 from tiny_models import tiny_member
 
 V = 11
@@ -148,29 +148,41 @@ def test_weights_are_held_once():
 
 
 def test_the_device_step_compiles_without_graph_breaks():
-    # The proof that a stacked step has no host synchronisation: its device part (gather the
-    # pending tokens, one forward for every row on its own member, the fused ME sampling step)
-    # compiles with fullgraph=True, and gives the eager result.
+    # The proof that a stacked step has no host synchronisation: its device part -- rows sorted by
+    # shape group, each group's catch-up in several end-aligned chunks from the consumed table
+    # (one forward per chunk for every row on its own member, the table updated in place), the
+    # fused ME sampling step -- compiles with fullgraph=True and gives the eager result.
     torch._dynamo.reset()
-    models = llama_members()
+    models = [tiny_member("llama", V, seed=80), tiny_member("qwen2", V, seed=81), tiny_member("llama", V, seed=82)]
     engine = Ensemble(models, engine="stacked")._engine
-    group, weights = engine.groups[0], torch.tensor([0.5, 0.3, 0.2])
-    batch = Batch([[1, 2, 3], [4, 5], [6]], [0, 1, 2], max_new_tokens=4, device=torch.device("cpu"))
+    assert len(engine.groups) == 2  # Qwen2's biases make it a group of its own
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    batch = Batch([[1, 2, 3, 4, 5], [4, 5], [6, 7, 8]], [0, 1, 2], max_new_tokens=4, device=torch.device("cpu"))
+    members = torch.tensor([0, 1, 2])  # groups 0, 1, 0: two rows in group 0, one in group 1 (host-known)
 
-    def step(tokens, pad, rows, member, slot, start, end, seeds, offset):
-        logits = run_sequences(group, engine.caches[0], tokens, pad, rows, member, slot, start, end, q=3, kv_len=3,
-                               logits="last")
+    def step(members, seeds, offset):
+        order = torch.sort(engine.member_group_dev[members], stable=True).indices
+        logits = torch.empty((3, V))
+        begin = 0
+        for g, count in ((0, 2), (1, 1)):
+            rows = order[begin : begin + count]
+            begin += count
+            out = catch_up_sequences(engine.groups[g], engine.caches[g], None, batch.tokens, batch.width,
+                                     batch.prompt_lens_dev, 0, rows, members[rows], engine.member_local,
+                                     engine.slots_dev, engine.consumed_dev, q=2, n_chunks=3, kv_len=5)
+            logits.index_copy_(0, rows, out)
         return me_kernels.me_step(logits, weights, seed=seeds, offset=offset)
 
-    rows = torch.arange(3)
-    args = (batch.tokens, batch.width - batch.prompt_lens_dev, rows, torch.tensor([2, 0, 1]), rows,
-            torch.zeros(3, dtype=torch.long), batch.prompt_lens_dev, batch.seeds, torch.zeros(3, dtype=torch.long))
+    offset = torch.zeros(3, dtype=torch.long)
     with torch.inference_mode():
         engine.begin(batch)
-        eager = step(*args)
-        engine.begin(batch)  # fresh caches: the step writes them
-        compiled = torch.compile(step, fullgraph=True, dynamic=False)(*args)
+        eager = step(members, batch.seeds, offset)
+        eager_consumed = engine.consumed_dev.clone()
+        engine.begin(batch)  # fresh caches and consumed table: the step writes both
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)(members, batch.seeds, offset)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+    assert torch.equal(engine.consumed_dev, eager_consumed)
+    assert engine.consumed_dev.tolist() == [[5, 0, 0], [0, 2, 0], [0, 0, 3]]
 
 
 def test_sliding_window_members_match_the_hf_engine():
