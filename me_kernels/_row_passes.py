@@ -283,3 +283,18 @@ def row_param(ptr, stride, scalar, row, HAS: tl.constexpr, DTYPE: tl.constexpr):
     else:
         return tl.full([], 0, DTYPE) + scalar
 
+
+@triton.jit
+def load_row_params(row, temp_ptr, stride_temp, temp_s, topk_ptr, stride_topk, topk_s, topp_ptr, stride_topp,
+                    topp_s, minp_ptr, stride_minp, minp_s, seed_ptr, stride_seed, seed_s, off_ptr, stride_off,
+                    off_s, HAS_TEMP: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
+                    HAS_MINP: tl.constexpr, HAS_SEED: tl.constexpr, HAS_OFF: tl.constexpr):
+    """Row `row`'s (temperature, top_k, top_p, min_p, seed, offset), each from its per-row
+    tensor or its scalar (the launchers pass them as RowParams, me_kernels/_validate.py)."""
+    return (row_param(temp_ptr, stride_temp, temp_s, row, HAS_TEMP, tl.float32),
+            row_param(topk_ptr, stride_topk, topk_s, row, HAS_TOPK, tl.int32),
+            row_param(topp_ptr, stride_topp, topp_s, row, HAS_TOPP, tl.float32),
+            row_param(minp_ptr, stride_minp, minp_s, row, HAS_MINP, tl.float32),
+            row_param(seed_ptr, stride_seed, seed_s, row, HAS_SEED, tl.int64),
+            row_param(off_ptr, stride_off, off_s, row, HAS_OFF, tl.int64))
+

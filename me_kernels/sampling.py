@@ -18,7 +18,7 @@ import triton.language as tl
 from . import _ops
 from ._dispatch import eager, on_device, use_triton
 from ._random import STREAM_TOKEN
-from ._row_passes import row_param
+from ._row_passes import load_row_params, row_param
 from ._rows import block_config, sample_row, scratch_for
 from ._validate import SAMPLING_ROW_NAMES, RowParams, check_logits, check_weights, sampling_row_params
 from .selection import draw_members
@@ -54,12 +54,10 @@ def _sample_kernel(
     NSUB: tl.constexpr, SUB: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    temp = row_param(temp_ptr, stride_temp, temp_s, row, HAS_TEMP, tl.float32)
-    top_k = row_param(topk_ptr, stride_topk, topk_s, row, HAS_TOPK, tl.int32)
-    top_p = row_param(topp_ptr, stride_topp, topp_s, row, HAS_TOPP, tl.float32)
-    min_p = row_param(minp_ptr, stride_minp, minp_s, row, HAS_MINP, tl.float32)
-    seed = row_param(seed_ptr, stride_seed, seed_s, row, HAS_SEED, tl.int64)
-    offset = row_param(off_ptr, stride_off, off_s, row, HAS_OFF, tl.int64)
+    temp, top_k, top_p, min_p, seed, offset = load_row_params(
+        row, temp_ptr, stride_temp, temp_s, topk_ptr, stride_topk, topk_s, topp_ptr, stride_topp, topp_s, minp_ptr,
+        stride_minp, minp_s, seed_ptr, stride_seed, seed_s, off_ptr, stride_off, off_s,
+        HAS_TEMP, HAS_TOPK, HAS_TOPP, HAS_MINP, HAS_SEED, HAS_OFF)
     no_mix_c = tl.full([1], 0, tl.float32)
     no_mix_pinf = tl.full([1], 0, tl.int1)
     token, tau_k, tau_p, passes = sample_row(
