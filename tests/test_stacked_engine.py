@@ -245,3 +245,46 @@ def test_a_second_ensemble_of_the_same_members_shares_their_stacked_weights():
     assert a.memory_bytes()["weights"] == sum(p.numel() * p.element_size() for m in models for p in m.parameters())
     with pytest.warns(RuntimeWarning, match="held twice"):
         Ensemble(models[::-1], engine="stacked")
+
+
+def test_cuda_graph_path_logic_with_eager_replays(monkeypatch):
+    # CUDA graphs cannot run on this machine; here a "graph" replays the captured call eagerly on
+    # its static buffers. That checks the graph path's own logic on the CPU: bucketed shapes
+    # (powers of two, as on CUDA), padded no-op rows, static input buffers reused across steps,
+    # caches and graphs kept across generate calls (reused, zeroed) and rows retiring mid-call.
+    import me_runtime.stacked_engine as stacked_engine_module
+
+    monkeypatch.setattr(stacked_engine_module, "_bucket", lambda n, device: 1 if n <= 1 else 1 << (n - 1).bit_length())
+
+    class EagerGraph:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            result = self.fn()
+            if self.out is not None:
+                self.out.copy_(result)
+
+    def capture(self, rows, q, kv_len, logits, device):
+        static = (torch.zeros((rows, q), dtype=torch.long),) + tuple(torch.zeros(rows, dtype=torch.long) for _ in range(4))
+        fn = lambda: self.group.forward(self.cache, *static, kv_len=kv_len, logits=logits)  # noqa: E731
+        out = fn()  # the "graph's" output buffer, rewritten by every replay
+        return EagerGraph(fn, out), static, out
+
+    monkeypatch.setattr(stacked_engine_module.GraphedForward, "_capture", capture)
+    models = llama_members(3, eos_token_id=2)
+    graphed = Ensemble(models, weights=[0.5, 0.3, 0.2], engine="stacked")
+    graphed._engine.cuda_graphs = True
+    plain = Ensemble(models, weights=[0.5, 0.3, 0.2], engine="stacked")
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [3], [4, 4, 2], [0, 1], [5, 5, 5]]
+    for method in ("me", "ce"):
+        for batch in (prompts, prompts, prompts[:2]):
+            seeds = list(range(1, len(batch) + 1))
+            a = graphed.generate_ids(batch, method=method, max_new_tokens=16, seed=seeds)
+            b = plain.generate_ids(batch, method=method, max_new_tokens=16, seed=seeds)
+            assert [(g.token_ids, g.members, g.finish_reason) for g in a] == [
+                (g.token_ids, g.members, g.finish_reason) for g in b]
+    engine = graphed._engine
+    assert engine.forwards and engine.forwards[0] is not None
+    assert len(engine.forwards[0].graphs) > 2  # several buckets captured, then replayed
+    assert engine.caches[0].slots == 8  # 5 rows -> a bucket of 8, kept for the 2-row call
