@@ -14,7 +14,7 @@ A step is a set of sequences (member, slot, start, count): the row's tokens at p
 the host keeps a mirror of `consumed` (it knows which member each row ran from the step's one
 transfer) only to pick the static shapes: Q (tokens per sequence, padded) and kv_len (cache
 positions attention reads). So the device work of a step has no data-dependent shape and no
-host synchronisation (`run_sequences` compiles with torch.compile(fullgraph=True)).
+host synchronisation (`catch_up_sequences` compiles with torch.compile(fullgraph=True)).
 
 On CUDA the forwards of generation steps replay CUDA graphs, one per bucket (rows rounded up to a
 power of two with no-op rows, Q and kv_len to powers of two): an eager forward of a small member
