@@ -288,3 +288,20 @@ def test_cuda_graph_path_logic_with_eager_replays(monkeypatch):
     assert engine.forwards and engine.forwards[0] is not None
     assert len(engine.forwards[0].graphs) > 2  # several buckets captured, then replayed
     assert engine.caches[0].slots == 8  # 5 rows -> a bucket of 8, kept for the 2-row call
+
+
+@pytest.mark.parametrize("method", ["me", "ce"])
+def test_chunked_catch_ups_and_scoring_match_the_hf_engine(method, monkeypatch):
+    # Long catch-ups (prompts) run in end-aligned chunks of at most CHUNK_TOKENS tokens over all
+    # sequences; scoring chunks positions the same way. Tiny chunks force many of them.
+    import me_runtime.stacked_engine as stacked_engine_module
+
+    monkeypatch.setattr(stacked_engine_module, "CHUNK_TOKENS", 3)
+    models = llama_members(3)
+    stacked = Ensemble(models, weights=[0.5, 0.3, 0.2], engine="stacked")
+    hf = Ensemble(models, weights=[0.5, 0.3, 0.2], engine="hf")
+    a = stacked.generate_ids(PROMPTS, method=method, max_new_tokens=8, seed=[4, 5, 6, 7])
+    b = hf.generate_ids(PROMPTS, method=method, max_new_tokens=8, seed=[4, 5, 6, 7])
+    assert [(g.token_ids, g.members) for g in a] == [(g.token_ids, g.members) for g in b]
+    conts = [[5, 6, 7, 8], [7], [1, 2, 3, 4, 5], [9, 9]]
+    assert stacked.score_ids(PROMPTS, conts) == pytest.approx(hf.score_ids(PROMPTS, conts), rel=1e-5, abs=1e-5)
