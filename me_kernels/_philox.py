@@ -8,6 +8,8 @@ and the member drawn for the same (seed, offset) are independent:
     STREAM_TOKEN   = 0   sample() and the token of me_step()
     STREAM_MEMBER  = 1   select_members() and the member of me_step()
     STREAM_MIXTURE = 2   mixture_sample()
+    STREAM_ACCEPT  = 3   verify_draft(): the acceptance uniform of a drafted token (element 0)
+    STREAM_RESIDUAL = 4  verify_draft(): the draw from the residual max(0, p - q) after a rejection
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ __all__ = [
     "STREAM_TOKEN",
     "STREAM_MEMBER",
     "STREAM_MIXTURE",
+    "STREAM_ACCEPT",
+    "STREAM_RESIDUAL",
     "philox4x32_10_torch",
     "philox_uniforms_torch",
     "gumbel_torch",
@@ -25,6 +29,8 @@ __all__ = [
 STREAM_TOKEN = 0
 STREAM_MEMBER = 1
 STREAM_MIXTURE = 2
+STREAM_ACCEPT = 3
+STREAM_RESIDUAL = 4
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57

@@ -18,6 +18,8 @@ for the same (seed, offset) are independent:
     STREAM_TOKEN   = 0   sample() and the token of me_step()
     STREAM_MEMBER  = 1   select_members() and the member of me_step()
     STREAM_MIXTURE = 2   mixture_sample()
+    STREAM_ACCEPT  = 3   verify_draft(): acceptance uniforms
+    STREAM_RESIDUAL = 4  verify_draft(): residual draws
 
 Nothing depends on the row's position in the batch or on the batch size. One Philox call
 yields the numbers of 4 consecutive elements (the 4 output words), which divides the integer

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._philox import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN, gumbel_torch
+from ._philox import (STREAM_ACCEPT, STREAM_MEMBER, STREAM_MIXTURE, STREAM_RESIDUAL, STREAM_TOKEN, gumbel_torch,
+                      philox_uniforms_torch)
 
 # --------------------------------------------------------------------------------------------
 # Grouped linear (rows routed to members' weights)
@@ -298,3 +299,115 @@ def me_step_reference(logits: torch.Tensor, weights: torch.Tensor, *, temperatur
     w0 = weights[0] if weights.dim() == 2 else weights
     one = select_members_reference(w0, seed=seeds[:1], offset=offsets[:1], batch=1, uniforms=uniforms)
     return tokens, one.expand(batch).clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Speculative verification of drafted tokens (exact CE by drafting)
+# --------------------------------------------------------------------------------------------
+#
+# Semantics of me_kernels.verify_draft, for one row b (every position j < num_drafts[b]):
+#   p_j = the distribution mixture_sample draws from at position j: the transforms applied to
+#         log sum_m w_m softmax(target_logits[m, b, j]);
+#   q_j = the distribution sample draws from for draft_logits[b, j] (the drafter's own logits);
+#   x_j = draft_tokens[b, j], drawn from q_j by the caller.
+# Position j is accepted when u_j * q_j(x_j) < p_j(x_j), u_j the uniform of (seed, offset + j) in
+# STREAM_ACCEPT (so with probability min(1, p_j(x_j) / q_j(x_j))). num_accepted = the number of
+# leading accepted positions n; if n < num_drafts[b] the token at position n is drawn from the
+# residual normalise(max(0, p_n - q_n)) by Gumbel-max with the noise of (seed, offset + n) in
+# STREAM_RESIDUAL (from p_n when the residual is empty, which only float rounding can cause);
+# else the residual token is -1. The row then emits draft_tokens[b, :n] and, when n <
+# num_drafts[b], the residual token. Greedy rows (temperature 0) have one-hot p and q (lowest
+# index of the maximum): a draft is accepted iff it is the mixture's argmax, the residual token is
+# the mixture's argmax. A draft id outside [0, V) is rejected; an invalid drafter row (NaN, no
+# finite logit) has q = 0 (its draft is rejected, the residual is p). A row whose mixture is
+# invalid at a position it reaches, or whose parameters are out of range, returns (0, -1).
+# Every decision at position j uses only the noise of offset + j: the emitted token at absolute
+# position offset + j does not depend on where a round of drafts began or ended.
+
+
+def transformed_probs_reference(x: torch.Tensor, temperature, top_k, top_p, min_p) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution `sample` draws from: fp32 logits x [B, V] -> (probs fp32 [B, V], invalid
+    bool [B]). Greedy rows are one-hot at the lowest index of the maximum; invalid rows (NaN, no
+    finite value, parameters out of range) are all zero."""
+    x, invalid, _ = _prepare_rows(x.to(torch.float32))
+    temp, k, p, mp, bad = _sampling_rows(x.shape[0], x.device, temperature, top_k, top_p, min_p)
+    th = sampling_thresholds_reference(x, temp.clamp(min=0).nan_to_num(0.0), k.clamp(min=0), p.nan_to_num(1.0),
+                                       mp.nan_to_num(0.0))
+    e = torch.exp((x - th["m"][:, None]) * th["inv_t"][:, None])
+    e = torch.where(th["kept"], e, torch.zeros_like(e))
+    probs = e / e.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    one_hot = torch.zeros_like(probs).scatter_(1, x.argmax(dim=1, keepdim=True), 1.0)
+    probs = torch.where(th["greedy"][:, None], one_hot, probs)
+    invalid = invalid | bad
+    return torch.where(invalid[:, None], torch.zeros_like(probs), probs), invalid
+
+
+def _per_position(value, batch: int, positions: int):
+    """A per-row parameter (scalar or [B] / 0-dim tensor) -> one value per (row, position), rows
+    major, as a [B * positions] tensor (scalars stay scalars)."""
+    if isinstance(value, torch.Tensor):
+        v = value.reshape(1).expand(batch) if value.dim() == 0 else value
+        return v.repeat_interleave(positions)
+    return value
+
+
+def verify_draft_reference(target_logits: torch.Tensor, draft_logits: torch.Tensor, draft_tokens: torch.Tensor,
+                           weights: torch.Tensor, *, num_drafts=None, temperature=1.0, top_k=0, top_p=1.0,
+                           min_p=0.0, seed=0, offset=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of me_kernels.verify_draft (semantics above).
+
+    target_logits [M, B, J, V] (every member's logits at each drafted position), draft_logits
+    [B, J, V] (the drafter's logits there), draft_tokens int64 [B, J], weights [M] or [B, M],
+    num_drafts int [B] (positions of each row that hold a draft; default J). Returns
+    (num_accepted int64 [B], residual_token int64 [B]).
+    """
+    num_members, batch, positions, vocab = target_logits.shape
+    dev = target_logits.device
+    if batch == 0 or positions == 0:
+        return (torch.zeros(batch, dtype=torch.int64, device=dev), torch.full((batch,), -1, dtype=torch.int64, device=dev))
+    w = weights.to(torch.float32)
+    w = (w[None, :].expand(batch, -1) if w.dim() == 1 else w).repeat_interleave(positions, dim=0)  # [B*J, M]
+    mix = mixture_logprobs_reference(target_logits.reshape(num_members, batch * positions, vocab), w)
+    mix_bad = torch.isnan(mix).any(dim=1)
+    mix = torch.where(mix_bad[:, None], torch.full_like(mix, float("-inf")), mix)
+    args = [_per_position(v, batch, positions) for v in (temperature, top_k, top_p, min_p)]
+    p, p_bad = transformed_probs_reference(mix, *args)
+    q, _ = transformed_probs_reference(draft_logits.reshape(batch * positions, vocab), *args)
+    p, q = p.reshape(batch, positions, vocab), q.reshape(batch, positions, vocab)
+    p_bad = (p_bad | mix_bad).reshape(batch, positions)
+
+    tokens = draft_tokens.to(torch.int64)
+    in_range = (tokens >= 0) & (tokens < vocab)
+    safe = tokens.clamp(0, vocab - 1)[..., None]
+    p_x = torch.where(in_range, p.gather(2, safe)[..., 0], torch.zeros_like(tokens, dtype=torch.float32))
+    q_x = torch.where(in_range, q.gather(2, safe)[..., 0], torch.zeros_like(tokens, dtype=torch.float32))
+    seeds = _row_seeds(seed, batch, dev)
+    offsets = _row_seeds(offset, batch, dev)
+    steps = torch.arange(positions, device=dev)
+    pos_seeds = seeds.repeat_interleave(positions)
+    pos_offsets = (offsets[:, None] + steps[None, :]).reshape(-1)
+    u = philox_uniforms_torch(pos_seeds, pos_offsets, STREAM_ACCEPT, 1).reshape(batch, positions)
+    accept = (u * q_x < p_x) & ~p_bad
+    n_drafts = (torch.full((batch,), positions, dtype=torch.int64, device=dev) if num_drafts is None
+                else _row_values(num_drafts, batch, dev, torch.int64).clamp(0, positions))
+    live = steps[None, :] < n_drafts[:, None]
+    accepted = torch.cumprod((accept & live).to(torch.int64), dim=1).sum(dim=1)
+
+    # the residual draw at every position (only the one at `accepted` is used)
+    r = (p - q).clamp(min=0)
+    r = torch.where((r.sum(dim=2) > 0)[..., None], r, p)
+    g = gumbel_torch(pos_seeds, pos_offsets, STREAM_RESIDUAL, vocab).reshape(batch, positions, vocab)
+    score = torch.where(r > 0, torch.log(r) + g, torch.full_like(r, float("-inf")))
+    residual = score.argmax(dim=2)
+    greedy = _row_values(temperature, batch, dev, torch.float32) == 0
+    residual = torch.where(greedy[:, None], p.argmax(dim=2), residual)
+    at = accepted.clamp(max=positions - 1)[:, None]
+    token = residual.gather(1, at)[:, 0]
+    token = torch.where(accepted < n_drafts, token, torch.full_like(token, -1))
+    # a row that reaches a position with an invalid mixture, or with bad parameters, fails
+    reached_bad = (p_bad & (steps[None, :] <= accepted[:, None]) & live).any(dim=1)
+    temp, k, tp, mp, bad = _sampling_rows(batch, dev, temperature, top_k, top_p, min_p)
+    failed = reached_bad | bad
+    accepted = torch.where(failed, torch.zeros_like(accepted), accepted)
+    token = torch.where(failed, torch.full_like(token, -1), token)
+    return accepted, token
