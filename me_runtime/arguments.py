@@ -106,3 +106,22 @@ def check_texts(texts, name: str, *, allow_empty_texts: bool = False) -> list[st
         if not text and not allow_empty_texts:
             raise ValueError(f"{name}[{i}] is empty")
     return list(texts)
+
+
+def check_drafting(draft_tokens, draft_member, method: str, num_members: int) -> None:
+    """draft_tokens: an int >= 0, > 0 only with method "ce"; draft_member: None or a member index,
+    only with draft_tokens > 0."""
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int):
+        raise TypeError(f"draft_tokens must be an int, got {type(draft_tokens).__name__}")
+    if draft_tokens < 0:
+        raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
+    if draft_tokens > 0 and method != "ce":
+        raise ValueError(f"draft_tokens > 0 needs method='ce' (drafting gives CE's exact distribution), got method={method!r}")
+    if draft_member is None:
+        return
+    if isinstance(draft_member, bool) or not isinstance(draft_member, int):
+        raise TypeError(f"draft_member must be None or an int, got {type(draft_member).__name__}")
+    if not 0 <= draft_member < num_members:
+        raise ValueError(f"draft_member must be in [0, {num_members}), got {draft_member}")
+    if draft_tokens == 0:
+        raise ValueError("draft_member needs draft_tokens > 0 (it names the member that drafts)")

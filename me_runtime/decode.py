@@ -39,6 +39,8 @@ class RequestResult:
     token_ids: list[int] = field(default_factory=list)
     members: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    drafted: int = 0  # CE by drafting: drafted tokens tested, and how many were accepted
+    accepted: int = 0
 
 
 class Batch:
@@ -201,10 +203,12 @@ class Decoder:
 
 
 def record_tokens(results: list[RequestResult], batch: Batch, step: StepTokens, t: int, *, max_new_tokens: int,
-                  eos_ids: frozenset[int], stop_checker: StopChecker) -> list[int]:
-    """Append step t's tokens to the requests' results; return the rows that finished."""
+                  eos_ids: frozenset[int], stop_checker: StopChecker, rows: list[int] | None = None) -> list[int]:
+    """Append step t's tokens to the requests' results (of `rows`, default every row); return the
+    rows that finished."""
     finished = []
-    for row, req in enumerate(batch.request_ids):
+    for row in range(batch.size) if rows is None else rows:
+        req = batch.request_ids[row]
         res = results[req]
         tok = step.tokens_host[row]
         if tok < 0:
@@ -239,7 +243,8 @@ def decode(
     stop_checker: StopChecker,
     progress: bool,
 ) -> list[RequestResult]:
-    """Generate up to `max_new_tokens` tokens for every prompt (token-id lists). See module doc."""
+    """Generate up to `max_new_tokens` tokens for every prompt (token-id lists). See module doc
+    (method "ce" with drafted tokens: me_runtime.drafting.decode_drafting)."""
     results = [RequestResult() for _ in prompts]
     if max_new_tokens == 0:
         return results

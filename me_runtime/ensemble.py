@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 
-from .arguments import check_max_seq_len, check_sampling, check_seeds, check_texts, check_weights, vocab_size
+from .arguments import check_drafting, check_max_seq_len, check_sampling, check_seeds, check_texts, check_weights, vocab_size
 from .decode import decode
+from .drafting import decode_drafting
 from .hf_engine import HFEngine
 from .stacked_engine import StackedEngine, check_supported
 from .stopping import StopChecker, eos_token_ids, normalize_stop
@@ -40,12 +41,17 @@ class Generation:
         stop string.
     members: for each generated token, the member that produced it (-1 for CE).
     finish_reason: "eos" | "stop" | "length".
+    drafted, accepted: CE by drafting (draft_tokens > 0): how many drafted tokens were tested
+        against the mixture for this request, and how many of them were accepted (the
+        acceptance rate is accepted / drafted); 0 otherwise.
     """
 
     text: str | None
     token_ids: list[int]
     members: list[int]
     finish_reason: str
+    drafted: int = 0
+    accepted: int = 0
 
 
 def _build_engine(engine: str, models, device, vocab_size: int, max_seq_len: int | None):
@@ -228,6 +234,17 @@ class Ensemble:
                 exact, requests are correlated).
             member: the member used by method="single".
             progress: show a tqdm progress bar.
+            draft_tokens: method "ce" only: k >= 0. k > 0 samples CE's exact distribution (every
+                transform; CE's greedy tokens at temperature 0) by drafting up to k tokens per
+                round with ME and verifying them with every member in one forward (see
+                me_runtime.drafting); the number drafted per round adapts to the measured
+                acceptance and costs (0 when drafting does not pay). k = 0: plain CE steps.
+                The tokens of a request do not depend on k > 0, on the batch or on the rounds.
+            draft_member: None (each draft position's member drawn from the weights, as ME
+                does) or the member that drafts every token.
+            draft_adaptive: True (default): draft 0..draft_tokens tokens per round, as the
+                measured acceptance and costs say pays best; False: always draft_tokens (fewer
+                only near max_new_tokens).
         Returns:
             one Generation per prompt, in order.
         """
@@ -252,6 +269,9 @@ class Ensemble:
         selection: str = "independent",
         member: int = 0,
         progress: bool = False,
+        draft_tokens: int = 0,
+        draft_member: int | None = None,
+        draft_adaptive: bool = True,
     ) -> list[Generation]:
         """Like generate(), for prompts given as lists of token ids (no tokenizer needed, except
         for `stop` strings). Generation.text is None without a tokenizer."""
@@ -268,26 +288,24 @@ class Ensemble:
             raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_drafting(draft_tokens, draft_member, method, self.num_members)
+        if not isinstance(draft_adaptive, bool):
+            raise TypeError(f"draft_adaptive must be a bool, got {type(draft_adaptive).__name__}")
         params = check_sampling(temperature, top_k, top_p, min_p)
         seeds = check_seeds(seed, len(prompts))
         self._check_fits([len(p) + max_new_tokens for p in prompts], "generate")
         stop_checker = StopChecker(self.tokenizer, normalize_stop(stop))
 
+        common = dict(params=params, max_new_tokens=max_new_tokens, eos_ids=self.eos_token_ids,
+                      stop_checker=stop_checker, progress=progress)
         with torch.inference_mode():
-            results = decode(
-                self._engine,
-                self._weights_tensor(),
-                prompts,
-                seeds,
-                method=method,
-                selection=selection,
-                member=member,
-                params=params,
-                max_new_tokens=max_new_tokens,
-                eos_ids=self.eos_token_ids,
-                stop_checker=stop_checker,
-                progress=progress,
-            )
+            if draft_tokens > 0:
+                results = decode_drafting(self._engine, self._weights_tensor(), prompts, seeds,
+                                          draft_tokens=draft_tokens, draft_member=draft_member, adaptive=draft_adaptive,
+                                          **common)
+            else:
+                results = decode(self._engine, self._weights_tensor(), prompts, seeds, method=method,
+                                 selection=selection, member=member, **common)
         generations = []
         for res in results:
             text = None
@@ -295,7 +313,8 @@ class Ensemble:
                 text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
                 if res.finish_reason == "stop":
                     text = stop_checker.truncate(text)
-            generations.append(Generation(text, res.token_ids, res.members, res.finish_reason))
+            generations.append(Generation(text, res.token_ids, res.members, res.finish_reason, res.drafted,
+                                          res.accepted))
         return generations
 
     # ---------------------------------------------------------------- scoring

@@ -54,14 +54,17 @@ class MemberRunner:
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.mask_kind = _padding_mask_kind(model.config)
         self.cache = None
-        self.consumed = 0  # generated tokens read by every active row
+        self.consumed = 0  # generated tokens read by every active row (-1: not even the prompt's last)
         self.cache_len = 0  # columns in the KV cache (prompt width at prefill + consumed)
         self.pad: list[int] = []  # host: left-pad columns of each row
         self.pad_dev: torch.Tensor | None = None
 
-    def catch_up(self, batch: Batch, t: int) -> torch.Tensor:
-        """Read every pending token of every row (the whole prompt the first time); return the
-        next-token logits [B, V] of each row, on the sampling device."""
+    def catch_up(self, batch: Batch, t: int, span: int = 1) -> torch.Tensor:
+        """Read every pending token of every row (the whole prompt the first time), up to
+        generated token t - 1; return the logits of the last `span` positions read, which predict
+        generated tokens t - span + 1 .. t: [B, V] for span 1, else [B, span, V], on the sampling
+        device. span > 1 needs the member to have read at most t - span generated tokens (see
+        `rollback`)."""
         if self.cache is None:
             tokens = batch.tokens[:, : batch.width + t]
             self.pad = [batch.width - n for n in batch.prompt_lens]
@@ -70,14 +73,17 @@ class MemberRunner:
             positions = (steps[None, :] - self.pad_dev[:, None]).clamp_(min=0)
             self.cache = DynamicCache(config=self.model.config)
         else:
-            tokens = batch.generated[:, self.consumed : t]
+            # consumed may be -1 after a rollback into the prompt: the last prompt token is re-read
+            tokens = batch.tokens[:, batch.width + self.consumed : batch.width + t]
             steps = torch.arange(self.consumed, t, device=self.device)
             positions = batch.prompt_lens_dev.to(self.device)[:, None] + steps[None, :]
         new = tokens.shape[1]
+        if new < span:
+            raise RuntimeError(f"catch_up: {new} pending tokens cannot give {span} positions of logits")
         mask = None
         if any(self.pad):  # without padding no mask is passed at all
             mask = self._padding_mask(new)
-        kwargs = {"logits_to_keep": 1} if self.accepts_logits_to_keep else {}
+        kwargs = {"logits_to_keep": span} if self.accepts_logits_to_keep else {}
         out = self.model(
             input_ids=tokens.to(self.device).contiguous(),
             attention_mask=mask,
@@ -89,7 +95,23 @@ class MemberRunner:
         self.cache = out.past_key_values
         self.cache_len += new
         self.consumed = t
-        return out.logits[:, -1, :].to(self.sampling_device)
+        if span == 1:
+            return out.logits[:, -1, :].to(self.sampling_device)
+        return out.logits[:, -span:, :].to(self.sampling_device)
+
+    def rollback(self, t: int) -> None:
+        """Forget every generated token from index t on (t >= -1; -1 also forgets the last prompt
+        token): the cache keeps exactly what reading the first t generated tokens would give."""
+        if self.cache is None or self.consumed <= t:
+            return
+        drop = self.consumed - t
+        try:
+            self.cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
+        except RuntimeError as err:  # e.g. a sliding-window layer past its window
+            raise RuntimeError(f"this member's cache cannot be rolled back by {drop} tokens ({err}); "
+                               "use draft_tokens=0") from err
+        self.cache_len -= drop
+        self.consumed = t
 
     def _padding_mask(self, new: int) -> torch.Tensor:
         """The mask for `new` queries over cache_len + new keys, rows left-padded by pad_dev.
@@ -169,6 +191,19 @@ class HFEngine:
     def all_member_logits(self, batch: Batch, t: int) -> torch.Tensor:
         """Every member's next-token logits [M, B, V] (the CE step)."""
         return torch.stack([runner.catch_up(batch, t) for runner in self.runners])
+
+    def span_logits(self, batch: Batch, t: int, span: int) -> torch.Tensor:
+        """Every member's logits [M, B, span, V] predicting generated tokens t - span + 1 .. t
+        (the verification of drafted tokens): each member first forgets what it read from
+        generated token t - span on, then reads up to token t - 1 in one forward."""
+        for runner in self.runners:
+            runner.rollback(t - span)
+        return torch.stack([runner.catch_up(batch, t, span) for runner in self.runners])
+
+    def rollback(self, batch: Batch, t: int) -> None:
+        """Every member forgets the generated tokens from index t on (rejected drafts)."""
+        for runner in self.runners:
+            runner.rollback(t)
 
     def retire(self, rows: list[int], rows_dev: torch.Tensor) -> None:
         """Keep only `rows` of the batch in every member's cache."""

@@ -138,10 +138,12 @@ def run_sequences(group: StackedGroup, cache, tokens_buf: torch.Tensor, pad: tor
 def catch_up_sequences(group: StackedGroup, cache, forward, tokens_buf: torch.Tensor, width: int,
                        prompt_lens: torch.Tensor, t: int, rows: torch.Tensor, members: torch.Tensor,
                        member_local: torch.Tensor, slots: torch.Tensor, consumed: torch.Tensor, *, q: int,
-                       n_chunks: int, kv_len: int) -> torch.Tensor:
+                       n_chunks: int, kv_len: int, span: int = 1) -> torch.Tensor:
     """The device part of one catch-up: sequences (rows[i], members[i]) read their pending tokens,
     positions [consumed[member, slot], prompt_len + t), in n_chunks chunks of q; `consumed` is
-    updated in place. Returns the float32 logits [N, V] at each sequence's last token.
+    updated in place. Returns the float32 logits at each sequence's last token ([N, V]), or with
+    span > 1 at its last `span` tokens ([N, span, V]; every sequence must read >= span tokens and
+    q >= span).
 
     tokens_buf int64 [B, C] (row b's position p at column width - prompt_lens[b] + p), prompt_lens
     int64 [B], rows / members int64 [N], member_local / slots / consumed the engine's tables. Only
@@ -152,14 +154,19 @@ def catch_up_sequences(group: StackedGroup, cache, forward, tokens_buf: torch.Te
     end = prompt_lens[rows] + t
     pad = width - prompt_lens
     local = member_local[members]
-    # Chunks aligned on each sequence's END, so every sequence's last token is in the last chunk
+    # Chunks aligned on each sequence's END, so every sequence's last tokens are in the last chunk
     # (whose logits are the step's).
     logits = None
     for c in range(n_chunks):
         chunk_end = end - (n_chunks - 1 - c) * q
         chunk_start = torch.maximum(start, chunk_end - q)
+        mode = "none" if c < n_chunks - 1 else ("last" if span == 1 else "all")
         logits = run_sequences(group, cache, tokens_buf, pad, rows, local, slot, chunk_start, chunk_end, q=q,
-                               kv_len=kv_len, logits="last" if c == n_chunks - 1 else "none", forward=forward)
+                               kv_len=kv_len, logits=mode, forward=forward)
+        if mode == "all":  # the sequence's last `span` positions of the chunk: count - span .. count - 1
+            count = (chunk_end - chunk_start).clamp(min=0, max=q)
+            index = (count - span)[:, None] + torch.arange(span, device=count.device)[None, :]
+            logits = logits.gather(1, index.clamp(min=0)[:, :, None].expand(-1, -1, logits.shape[2]))
     consumed[members, slot] = end
     return logits
 
@@ -264,7 +271,16 @@ class StackedEngine:
         return logits
 
     def all_member_logits(self, batch: Batch, t: int) -> torch.Tensor:
-        out = torch.empty((self.num_members, batch.size, self.vocab_size), dtype=torch.float32, device=self.sampling_device)
+        return self.span_logits(batch, t, 1)
+
+    def span_logits(self, batch: Batch, t: int, span: int) -> torch.Tensor:
+        """Every member's logits predicting generated tokens t - span + 1 .. t: [M, B, V] for span
+        1 (the CE step), else [M, B, span, V] (the verification of drafted tokens). Members first
+        forget what they read from generated token t - span on (nothing in plain CE)."""
+        if span > 1:
+            self.rollback(batch, t - span)
+        shape = (self.num_members, batch.size) + ((span,) if span > 1 else ()) + (self.vocab_size,)
+        out = torch.empty(shape, dtype=torch.float32, device=self.sampling_device)
         for g, ids in enumerate(self.group_members):
             n = len(ids)
             ids_dev = self.group_ids_dev[g]
@@ -272,22 +288,37 @@ class StackedEngine:
             members = ids_dev.repeat_interleave(batch.size)
             rows_host = list(range(batch.size)) * n
             members_host = [i for i in ids for _ in range(batch.size)]
-            logits = self._catch_up(g, batch, t, rows, members, rows_host, members_host)
-            out[ids_dev] = logits.reshape(n, batch.size, -1)
+            logits = self._catch_up(g, batch, t, rows, members, rows_host, members_host, span)
+            out[ids_dev] = logits.reshape((n,) + shape[1:])
         return out
 
+    def rollback(self, batch: Batch, t: int) -> None:
+        """Every member forgets, in every active row, the generated tokens from index t on (t >= -1:
+        -1 also forgets the prompt's last token). Only the read counts change: attention never
+        reads a cache position at or past the query's own, and the next read overwrites them."""
+        for r, slot in enumerate(self.slots):
+            limit = batch.prompt_lens[r] + t
+            for m in range(self.num_members):
+                if self.consumed[m][slot] > limit:
+                    self.consumed[m][slot] = limit
+        limits = batch.prompt_lens_dev + t
+        self.consumed_dev[:, self.slots_dev] = torch.minimum(self.consumed_dev[:, self.slots_dev], limits[None, :])
+
     def _catch_up(self, g: int, batch: Batch, t: int, rows: torch.Tensor, members: torch.Tensor, rows_host: list[int],
-                  members_host: list[int]) -> torch.Tensor:
-        """Run sequences (row, member) of group g over their pending tokens; logits [N, V]."""
+                  members_host: list[int], span: int = 1) -> torch.Tensor:
+        """Run sequences (row, member) of group g over their pending tokens; logits [N, V] (or
+        [N, span, V])."""
         slots_host = [self.slots[r] for r in rows_host]
         ends_host = [batch.prompt_lens[r] + t for r in rows_host]
         starts_host = [self.consumed[m][s] for m, s in zip(members_host, slots_host)]
         pending = max(e - s for e, s in zip(ends_host, starts_host))
+        if min(e - s for e, s in zip(ends_host, starts_host)) < span:
+            raise RuntimeError(f"catch-up: a sequence has fewer than {span} pending tokens")
         kv_len = min(_bucket(max(ends_host), batch.device), self.capacity)
-        q = min(_bucket(pending, batch.device), max(1, CHUNK_TOKENS // len(rows_host)))
+        q = max(span, min(_bucket(pending, batch.device), max(1, CHUNK_TOKENS // len(rows_host))))
         logits = catch_up_sequences(self.groups[g], self.caches[g], self.forwards[g], batch.tokens, batch.width,
                                     batch.prompt_lens_dev, t, rows, members, self.member_local, self.slots_dev,
-                                    self.consumed_dev, q=q, n_chunks=-(-pending // q), kv_len=kv_len)
+                                    self.consumed_dev, q=q, n_chunks=-(-pending // q), kv_len=kv_len, span=span)
         for m, s, e in zip(members_host, slots_host, ends_host):
             self.consumed[m][s] = e
         return logits.to(self.sampling_device)

@@ -1,0 +1,262 @@
+"""Exact CE by drafting: ME proposes tokens, every member verifies them in one forward.
+
+`generate(method="ce", draft_tokens=k)` samples from exactly CE's distribution (the transforms
+applied to the mixture) at close to ME's cost when the members agree. A round, for rows that
+have generated g tokens:
+
+1. Draft (`draft_step`, D <= k times): position s = g + j is drafted by ME: member z_s drawn from
+   the weights with (seed, offset s) (or the fixed `draft_member`) reads its pending tokens and
+   the token x_s is drawn from its transformed distribution q_s with (seed, offset s): exactly
+   the ME step, so the draft tokens are ME's tokens.
+2. Verify (`verify`): every member reads the drafted tokens in ONE multi-token forward
+   (`Engine.span_logits`) and gives its logits at the D + 1 positions g .. g + D. Position g + D
+   is drafted from those logits too (member z_{g+D}'s row: no forward of its own), so the round
+   has J = D + 1 drafted positions.
+3. Accept (`me_kernels.verify_draft`, one fused kernel): position s is accepted with probability
+   min(1, p_s(x_s) / q_s(x_s)), p_s = CE's transformed mixture; at the first rejection the token
+   is drawn from normalise(max(0, p_s - q_s)). The row emits its accepted drafts and that token.
+   At temperature 0 a draft is accepted iff it is the mixture's argmax, which is emitted at the
+   first mismatch: CE's greedy tokens.
+
+Why the tokens are exactly CE's distribution: each emitted token is distributed as p_s given the
+prefix (the speculative-sampling identity), whatever q is. Why they do not depend on the batch or
+on how positions fall into rounds: every random number used at position s is keyed by (seed, s)
+(streams TOKEN / MEMBER for the draft, ACCEPT / RESIDUAL for the verification), and position s's
+outcome depends only on the prefix and those numbers. The last position of a round is therefore
+drafted, not drawn from the mixture directly (the usual "bonus" token): a round that ends there
+and a round that drafts through it give the same token.
+
+Rows advance in lock-step: a round emits L = min over rows of (accepted + 1) tokens for every
+row (a row that accepted more re-derives the same tokens next round, by the keying above). KV
+caches and read counts are rolled back exactly to the L emitted tokens (`Engine.rollback`).
+
+Cost model, in member forwards (memory-bound decode: a forward over a few tokens costs about one
+over one token): a round costs D draft forwards (one member each at batch 1) + one verification
+forward of all M members, and emits E(D) = sum_{i=0..D} a^i tokens at acceptance rate a (batch
+1). CE costs M forwards per token. The number of drafts per round adapts (`DraftController`): D in
+[0, k] maximising E(D) / (D * c_draft + c_verify) from the measured acceptance and the measured
+times of draft and verification steps, so it falls to 0 (a CE step with the verification kernel)
+where drafting does not pay. Host transfers: one per draft step (the drafted tokens and the next
+drafter, which the engines need on the host to pick what runs) and one per round (accept counts,
+residual tokens and the next drafters).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import me_kernels
+
+from .decode import Batch, Decoder, RequestResult, StepTokens, record_tokens
+
+
+def _verify_draft(*args, **kwargs):  # TEMPORARY until the kernel lands
+    from me_kernels.reference import verify_draft_reference
+    return verify_draft_reference(*args, **kwargs)
+
+
+class DraftController:
+    """Chooses the number of drafted forwards per round from measured acceptance and costs.
+
+    Acceptance: per request, accepted / tested drafts with a prior of one accepted in two (so a
+    new request starts by drafting). Lock-step rounds emit the minimum over rows, so the expected
+    tokens of a round with D drafts are sum_{i=0..D} prod_b a_b^i. Costs: exponential averages of
+    the wall time of a draft step and of a verification (each ends with a host transfer, so the
+    host clock measures the device work)."""
+
+    def __init__(self, max_drafts: int, num_members: int, adaptive: bool = True):
+        self.max_drafts = max_drafts
+        self.adaptive = adaptive
+        self.c_draft = 1.0  # prior, in forwards: a draft step runs one member ...
+        self.c_verify = float(num_members)  # ... a verification all of them
+        self.measured = False
+
+    def choose(self, tested: list[int], accepted: list[int]) -> int:
+        if not self.adaptive:
+            return self.max_drafts
+        rates = [(a + 1.0) / (n + 2.0) for n, a in zip(tested, accepted)]
+        best, best_d = -1.0, 0
+        for d in range(self.max_drafts + 1):
+            expected = sum(_prod(r**i for r in rates) for i in range(d + 1))
+            value = expected / (d * self.c_draft + self.c_verify)
+            if value > best * (1 + 1e-9):
+                best, best_d = value, d
+        return best_d
+
+    def observe(self, draft_seconds: float, drafts: int, verify_seconds: float) -> None:
+        if drafts:
+            per = draft_seconds / drafts
+            self.c_draft = per if not self.measured else 0.7 * self.c_draft + 0.3 * per
+        if not self.measured:  # the first measurement replaces both priors (same units)
+            if not drafts:
+                self.c_draft *= verify_seconds / self.c_verify
+            self.c_verify = verify_seconds
+            self.measured = True
+        else:
+            self.c_verify = 0.7 * self.c_verify + 0.3 * verify_seconds
+
+
+def _prod(values) -> float:
+    out = 1.0
+    for v in values:
+        out *= v
+    return out
+
+
+class DraftingDecoder(Decoder):
+    """A Decoder whose rounds draft with ME and verify against CE (see the module docstring)."""
+
+    def __init__(self, engine, weights: torch.Tensor, batch: Batch, *, params, draft_tokens: int,
+                 draft_member: int | None, max_new_tokens: int, adaptive: bool = True):
+        super().__init__(engine, weights, batch, selection="independent", member=0, params=params)
+        self.max_drafts = draft_tokens
+        self.draft_member = draft_member
+        self.max_new_tokens = max_new_tokens
+        self.controller = DraftController(draft_tokens, engine.num_members, adaptive)
+        self.generated = 0  # tokens every active row has (lock-step)
+        self.tested = [0] * batch.size  # per active row: drafts tested / accepted (controller)
+        self.accepted = [0] * batch.size
+
+    # ---------------------------------------------------------------- drafter draws
+    def drafters(self, offsets: torch.Tensor) -> torch.Tensor:
+        """The drafter of each row at absolute generated positions `offsets` (int64 [B] or
+        [B, J]): drawn from the weights with (seed, offset), or the fixed draft_member."""
+        batch = self.batch
+        if self.draft_member is not None:
+            return torch.full(offsets.shape, self.draft_member, dtype=torch.int32, device=batch.device)
+        seeds = batch.seeds.reshape(-1, *([1] * (offsets.dim() - 1))).expand(offsets.shape)
+        out = me_kernels.select_members(self.weights, seed=seeds.reshape(-1), offset=offsets.reshape(-1),
+                                        batch=offsets.numel())
+        return out.reshape(offsets.shape)
+
+    def first_members(self) -> None:
+        offsets = torch.zeros(self.batch.size, dtype=torch.long, device=self.batch.device)
+        self.next_members = self.drafters(offsets)
+        self.next_members_host = self.next_members.tolist()
+        self._check_members(-1)
+
+    # ---------------------------------------------------------------- one round
+    def draft_step(self, s: int) -> torch.Tensor:
+        """Draft generated position s of every row with its drafter; returns the drafter's
+        logits [B, V] (q before the transforms) and writes the token into the batch."""
+        batch = self.batch
+        members, members_host = self.next_members, self.next_members_host
+        logits = self.engine.member_logits(batch, s, members, members_host)
+        if self.draft_member is None:
+            tokens, next_members = me_kernels.me_step(logits, self.weights, seed=batch.seeds, offset=s,
+                                                      **self.sample_kwargs)
+        else:
+            tokens = me_kernels.sample(logits, seed=batch.seeds, offset=s, **self.sample_kwargs)
+            next_members = members
+        batch.generated[:, s] = tokens
+        # The draft step's one host transfer: the engines pick what runs from the drafters.
+        host = torch.stack([tokens, next_members.to(torch.long)]).tolist()
+        self.next_members, self.next_members_host = next_members, host[1]
+        self._check_members(s)
+        self._draft_tokens_host.append(host[0])
+        return logits
+
+    def round(self) -> list[StepTokens]:
+        """One draft-and-verify round; returns the emitted tokens, one StepTokens per position."""
+        batch, g = self.batch, self.generated
+        drafts = min(self.controller.choose(self.tested, self.accepted), self.max_new_tokens - g - 1)
+        span = drafts + 1
+        dev = batch.device
+        self._draft_tokens_host = []
+        draft_logits = torch.empty((batch.size, span, self.engine.vocab_size), dtype=torch.float32, device=dev)
+        began = time.perf_counter()
+        for j in range(drafts):
+            draft_logits[:, j] = self.draft_step(g + j)
+        drafted = time.perf_counter()
+
+        target = self.engine.span_logits(batch, g + drafts, span)  # [M, B, span, V] (or [M, B, V])
+        if span == 1:
+            target = target[:, :, None]
+        rows = torch.arange(batch.size, device=dev)
+        last = target[self.next_members.long(), rows, span - 1]  # the last position's drafter's logits
+        draft_logits[:, span - 1] = last
+        batch.generated[:, g + drafts] = me_kernels.sample(last, seed=batch.seeds, offset=g + drafts,
+                                                           **self.sample_kwargs)
+        draft_tokens = batch.generated[:, g : g + span]
+        accepted, residual = _verify_draft(target, draft_logits, draft_tokens, self.weights, seed=batch.seeds,
+                                                     offset=g, **self.sample_kwargs)
+        # the drafters of every position the next round may start at (g + 1 .. g + span)
+        offsets = g + 1 + torch.arange(span, device=dev)[None, :].expand(batch.size, -1)
+        candidates = self.drafters(offsets)
+        # The round's one host transfer: what was accepted, the residual tokens (stop checks),
+        # the last drafted tokens and the next drafters.
+        host = torch.cat([accepted[:, None], residual[:, None], draft_tokens[:, -1:],
+                          candidates.to(torch.long)], dim=1).tolist()
+        self.controller.observe(drafted - began, drafts, time.perf_counter() - drafted)
+
+        emitted = min(min(row[0] + 1, span) for row in host)
+        if any(row[0] == 0 and row[1] < 0 for row in host):  # the kernel's failure signal
+            bad = next(b for b, row in enumerate(host) if row[0] == 0 and row[1] < 0)
+            raise RuntimeError(f"request {batch.request_ids[bad]}: the mixture at step {g} had no finite value or a NaN; "
+                               "nothing can be sampled from it")
+        for b, row in enumerate(host):
+            self.tested[b] += min(row[0] + 1, span)
+            self.accepted[b] += row[0]
+        drafted_host = [list(col) for col in zip(*self._draft_tokens_host)] if drafts else [[] for _ in host]
+        steps = []
+        for j in range(emitted):
+            tokens_host = []
+            for b, row in enumerate(host):
+                draft = drafted_host[b][j] if j < drafts else row[2]
+                tokens_host.append(draft if row[0] > j else row[1])
+            steps.append(StepTokens(None, tokens_host, [-1] * batch.size))
+        final = torch.where(accepted >= emitted, draft_tokens[:, emitted - 1], residual)
+        batch.generated[:, g + emitted - 1] = final
+        self.engine.rollback(batch, g + emitted - 1)  # the last emitted token may differ from its draft
+        self.generated = g + emitted
+        self.next_members = candidates[:, emitted - 1].contiguous()
+        self.next_members_host = [row[3 + emitted - 1] for row in host]
+        self._check_members(self.generated - 1)
+        self.round_drafted = [min(row[0] + 1, span) for row in host]
+        self.round_accepted = [row[0] for row in host]
+        return steps
+
+    def retire(self, finished: list[int]) -> None:
+        done = set(finished)
+        self.tested = [n for r, n in enumerate(self.tested) if r not in done]
+        self.accepted = [n for r, n in enumerate(self.accepted) if r not in done]
+        super().retire(finished)
+
+
+def decode_drafting(engine, weights: torch.Tensor, prompts: list[list[int]], seeds: list[int], *, params,
+                    draft_tokens: int, draft_member: int | None, max_new_tokens: int, eos_ids: frozenset[int],
+                    stop_checker, progress: bool, adaptive: bool = True) -> list[RequestResult]:
+    """me_runtime.decode.decode for method="ce" with draft_tokens > 0: rounds of drafts and
+    verification instead of CE steps (same arguments; results also count drafted / accepted)."""
+    results = [RequestResult() for _ in prompts]
+    if max_new_tokens == 0:
+        return results
+    batch = Batch(prompts, seeds, max_new_tokens, weights.device)
+    decoder = DraftingDecoder(engine, weights, batch, params=params, draft_tokens=draft_tokens,
+                              draft_member=draft_member, max_new_tokens=max_new_tokens, adaptive=adaptive)
+    bar = tqdm(total=max_new_tokens, disable=not progress, desc="generate (ce, drafted)", unit="tok")
+    try:
+        decoder.first_members()
+        engine.begin(batch)
+        while decoder.generated < max_new_tokens:
+            t0 = decoder.generated
+            steps = decoder.round()
+            for b, req in enumerate(batch.request_ids):
+                results[req].drafted += decoder.round_drafted[b]
+                results[req].accepted += decoder.round_accepted[b]
+            finished: list[int] = []
+            for j, step in enumerate(steps):
+                active = [r for r in range(batch.size) if r not in finished]
+                finished += record_tokens(results, batch, step, t0 + j, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                          stop_checker=stop_checker, rows=active)
+            bar.update(len(steps))
+            if len(finished) == batch.size:
+                break
+            if finished:
+                decoder.retire(sorted(finished))
+    finally:
+        engine.end()
+        bar.close()
+    return results
