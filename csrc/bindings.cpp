@@ -31,6 +31,10 @@ TORCH_LIBRARY(me, m) {
         "Tensor? topp_t, float topp_s, Tensor? minp_t, float minp_s, Tensor? seed_t, int seed_s, Tensor? off_t, "
         "int off_s) -> Tensor");
   m.def("mixture_logprobs(Tensor logits, Tensor weights) -> Tensor");
+  m.def("verify_draft(Tensor target_logits, Tensor draft_logits, Tensor draft_tokens, Tensor weights, "
+        "Tensor? ndraft_t, int ndraft_s, Tensor? temp_t, float temp_s, Tensor? topk_t, int topk_s, Tensor? topp_t, "
+        "float topp_s, Tensor? minp_t, float minp_s, Tensor? seed_t, int seed_s, Tensor? off_t, int off_s) -> "
+        "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(me, CPU, m) {
@@ -42,6 +46,7 @@ TORCH_LIBRARY_IMPL(me, CPU, m) {
   m.impl("select_members", &me::select_members_cpu);
   m.impl("mixture_sample", &me::mixture_sample_cpu);
   m.impl("mixture_logprobs", &me::mixture_logprobs_cpu);
+  m.impl("verify_draft", &me::verify_draft_cpu);
 }
 
 #ifdef ME_WITH_CUDA

@@ -55,6 +55,16 @@ at::Tensor mixture_sample_cpu(const at::Tensor& logits, const at::Tensor& weight
                               const c10::optional<at::Tensor>& seed_t, int64_t seed_s,
                               const c10::optional<at::Tensor>& off_t, int64_t off_s);
 at::Tensor mixture_logprobs_cpu(const at::Tensor& logits, const at::Tensor& weights);
+//   verify_draft: target_logits [M, B, J, V], draft_logits [B, J, V] (same float dtype), draft_tokens
+//     int [B, J], weights [M] or [B, M], num_drafts int [B] or scalar -> (accepted int64 [B],
+//     residual token int64 [B]): me_kernels.reference.verify_draft_reference, positions up to the
+//     first rejection only.
+std::tuple<at::Tensor, at::Tensor> verify_draft_cpu(
+    const at::Tensor& target_logits, const at::Tensor& draft_logits, const at::Tensor& draft_tokens,
+    const at::Tensor& weights, const c10::optional<at::Tensor>& ndraft_t, int64_t ndraft_s,
+    const c10::optional<at::Tensor>& temp_t, double temp_s, const c10::optional<at::Tensor>& topk_t, int64_t topk_s,
+    const c10::optional<at::Tensor>& topp_t, double topp_s, const c10::optional<at::Tensor>& minp_t, double minp_s,
+    const c10::optional<at::Tensor>& seed_t, int64_t seed_s, const c10::optional<at::Tensor>& off_t, int64_t off_s);
 
 #ifdef ME_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> group_rows_cuda(const at::Tensor& members, int64_t num_members);

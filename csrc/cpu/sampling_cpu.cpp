@@ -40,7 +40,7 @@ namespace me {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr uint32_t kStreamToken = 0, kStreamMember = 1, kStreamMixture = 2;
+constexpr uint32_t kStreamToken = 0, kStreamMember = 1, kStreamMixture = 2, kStreamAccept = 3, kStreamResidual = 4;
 constexpr int64_t kMaxTopK = (int64_t{1} << 31) - 1;
 // Above every Gumbel value the streams can produce (the largest uniform 1 - 2^-24 gives 16.64):
 // an element whose scaled logit plus this is below the best score so far cannot win the draw.
@@ -89,6 +89,7 @@ struct Candidate {
 // Per-thread scratch, reused across the rows a thread handles.
 struct Workspace {
   std::vector<float> row;
+  std::vector<float> other;  // verify_draft: the drafter's row beside the mixture's
   std::vector<float> values;
   std::vector<Candidate> candidates;
   std::vector<float> member_c;
@@ -615,6 +616,199 @@ at::Tensor mixture_sample_cpu(const at::Tensor& logits, const at::Tensor& weight
     });
   });
   return tokens;
+}
+
+
+// ---- verify_draft --------------------------------------------------------------------------
+
+namespace {
+
+// The distribution `sample` draws from for one fp32 row (+inf remapped, no NaN, n_finite >= 1,
+// maximum m): the kept set {x >= threshold, exp((x - m) * inv_t) >= min_p} and its mass z, or the
+// one-hot greedy row. probability(i) = e_i / z on the kept set (fp32, like the reference's
+// e / e.sum()).
+struct Distribution {
+  bool greedy = false;
+  int64_t argmax = 0;
+  float m = 0, inv_t = 1, threshold = -kInf, min_p = 0, z = 0;
+
+  bool kept(float x, float& e) const {
+    if (!(x > -kInf) || x < threshold) return false;
+    const float scaled = (x - m) * inv_t;
+    e = std::exp(scaled);
+    return min_p == 0 ? !std::isnan(scaled) : e >= min_p;
+  }
+  float probability(const float* x, int64_t i) const {
+    if (greedy) return i == argmax ? 1.0f : 0.0f;
+    float e;
+    return kept(x[i], e) ? e / z : 0.0f;
+  }
+};
+
+Distribution distribution(const float* x, int64_t vocab, float m, int64_t n_finite, const RowSampling& p,
+                          Workspace& ws) {
+  Distribution d;
+  d.m = m;
+  d.argmax = first_index_of(x, vocab, m);
+  d.greedy = p.temperature == 0;
+  d.inv_t = d.greedy ? 1.0f : 1.0f / p.temperature;
+  if (std::isinf(d.inv_t)) d.greedy = true;
+  if (d.greedy) return d;
+  float tau_k = -kInf;
+  if (p.top_k > 0 && p.top_k < n_finite) tau_k = kth_largest(x, vocab, n_finite, p.top_k, ws);
+  d.threshold = tau_k;
+  if (p.top_p < 1) d.threshold = std::max(tau_k, top_p_threshold(x, vocab, m, d.inv_t, tau_k, p.top_p, ws));
+  d.min_p = p.min_p;
+  double z = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    float e;
+    if (d.kept(x[i], e)) z += e;
+  }
+  d.z = static_cast<float>(z);
+  return d;
+}
+
+// m and n_finite of an fp32 row; false for a NaN or no finite entry.
+bool row_stats(const float* x, int64_t vocab, float& m, int64_t& n_finite) {
+  m = -kInf;
+  n_finite = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (std::isnan(x[i])) return false;
+    m = std::max(m, x[i]);
+    n_finite += x[i] > -kInf;
+  }
+  return n_finite > 0;
+}
+
+// Gumbel-max draw from max(0, p - q) (from p when that is empty), stream STREAM_RESIDUAL.
+int64_t residual_draw(const float* xp, const Distribution& p, const float* xq, const Distribution* q, int64_t vocab,
+                      uint64_t seed, uint64_t offset) {
+  auto residual = [&](int64_t i, bool use_q) {
+    const float pi = p.probability(xp, i);
+    if (!use_q) return pi;
+    return std::max(0.0f, pi - q->probability(xq, i));
+  };
+  bool use_q = q != nullptr;
+  if (use_q) {
+    bool empty = true;
+    for (int64_t i = 0; i < vocab && empty; ++i) empty = !(residual(i, true) > 0);
+    if (empty) use_q = false;
+  }
+  constexpr int64_t kBlock = 4 * philox::kBlockQuads;
+  uint32_t words[kBlock];
+  int64_t best_index = -1;
+  float best = -kInf;
+  for (int64_t start = 0; start < vocab; start += kBlock) {
+    const int64_t end = std::min(vocab, start + kBlock);
+    bool any = false;
+    float r[kBlock];
+    for (int64_t i = start; i < end; ++i) {
+      r[i - start] = residual(i, use_q);
+      any |= r[i - start] > 0;
+    }
+    if (!any) continue;
+    philox::words_block(seed, offset, kStreamResidual, static_cast<uint64_t>(start) / 4, words);
+    for (int64_t i = start; i < end; ++i) {
+      if (!(r[i - start] > 0)) continue;
+      const float score = std::log(r[i - start]) + philox::gumbel_from_bits(words[i - start]);
+      if (best_index < 0 || score > best) {
+        best = score;
+        best_index = i;
+      }
+    }
+  }
+  return best_index;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> verify_draft_cpu(
+    const at::Tensor& target_logits, const at::Tensor& draft_logits, const at::Tensor& draft_tokens,
+    const at::Tensor& weights, const c10::optional<at::Tensor>& ndraft_t, int64_t ndraft_s,
+    const c10::optional<at::Tensor>& temp_t, double temp_s, const c10::optional<at::Tensor>& topk_t, int64_t topk_s,
+    const c10::optional<at::Tensor>& topp_t, double topp_s, const c10::optional<at::Tensor>& minp_t, double minp_s,
+    const c10::optional<at::Tensor>& seed_t, int64_t seed_s, const c10::optional<at::Tensor>& off_t, int64_t off_s) {
+  const char* op = "verify_draft";
+  check_float_input(target_logits, op, "target_logits [M, B, J, V]", 4);
+  check_float_input(draft_logits, op, "draft_logits [B, J, V]", 3);
+  const int64_t members = target_logits.size(0), batch = target_logits.size(1), span = target_logits.size(2),
+                vocab = target_logits.size(3);
+  TORCH_CHECK_VALUE(draft_logits.size(0) == batch && draft_logits.size(1) == span && draft_logits.size(2) == vocab,
+                    op, ": draft_logits must be [B, J, V] = [", batch, ", ", span, ", ", vocab, "], got shape ",
+                    draft_logits.sizes());
+  TORCH_CHECK_VALUE(draft_tokens.dim() == 2 && draft_tokens.size(0) == batch && draft_tokens.size(1) == span, op,
+                    ": draft_tokens must be [B, J] = [", batch, ", ", span, "], got shape ", draft_tokens.sizes());
+  TORCH_CHECK_TYPE(at::isIntegralType(draft_tokens.scalar_type(), false), op, ": draft_tokens must be integer, got ",
+                   draft_tokens.scalar_type());
+  const auto w = weight_rows(weights, op);
+  TORCH_CHECK_VALUE(w.members == members, op, ": weights has ", w.members, " member weights but target_logits has M=",
+                    members);
+  TORCH_CHECK_VALUE(weights.dim() == 1 || weights.size(0) == batch, op, ": weights has ", weights.size(0),
+                    " rows but the batch has B=", batch);
+  const auto args = sampling_args(batch, op, temp_t, temp_s, topk_t, topk_s, topp_t, topp_s, minp_t, minp_s, seed_t,
+                                  seed_s, off_t, off_s);
+  const auto ndraft = row_param<int64_t>(ndraft_t, ndraft_s, batch, op, "num_drafts");
+  const at::Tensor tokens_in = draft_tokens.to(at::kLong);
+  const int64_t* tok = tokens_in.data_ptr<int64_t>();
+  const int64_t tok_sb = tokens_in.stride(0), tok_sj = tokens_in.stride(1);
+  auto accepted = at::zeros({batch}, target_logits.options().dtype(at::kLong));
+  auto token = at::full({batch}, -1, target_logits.options().dtype(at::kLong));
+  int64_t* acc_out = accepted.data_ptr<int64_t>();
+  int64_t* tok_out = token.data_ptr<int64_t>();
+  if (batch == 0 || span == 0) return {accepted, token};
+  // the target's row (b, j) is a [M, ., V] slice: a [M, B*J, V] view of it for mixture_row
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_logits.scalar_type(), "me_verify_draft_cpu", [&] {
+    TORCH_CHECK_TYPE(draft_logits.scalar_type() == target_logits.scalar_type(), op,
+                     ": draft_logits dtype must equal target_logits dtype");
+    const scalar_t* target = target_logits.data_ptr<scalar_t>();
+    const scalar_t* draft = draft_logits.data_ptr<scalar_t>();
+    const int64_t t_sm = target_logits.stride(0), t_sb = target_logits.stride(1), t_sj = target_logits.stride(2),
+                  t_sv = target_logits.stride(3);
+    const int64_t d_sb = draft_logits.stride(0), d_sj = draft_logits.stride(1), d_sv = draft_logits.stride(2);
+    for_each_row(batch, [&](int64_t b, Workspace& ws) {
+      const RowSampling p = args.at(b);
+      if (p.bad()) return;  // (0, -1)
+      const int64_t n_drafts = std::min(std::max<int64_t>(ndraft(b), 0), span);
+      std::vector<float> xp(vocab);
+      for (int64_t j = 0; j < n_drafts; ++j) {
+        // p_j: the transformed mixture (mixture_row reads row "b" of a [M, ., V] view at b * t_sb + j * t_sj)
+        float mp;
+        int64_t nfp;
+        if (!mixture_row(target + j * t_sj, t_sm, t_sb, t_sv, b, vocab, w.row(b), w.stride_member, w.members,
+                         xp.data(), ws) ||
+            !row_stats(xp.data(), vocab, mp, nfp)) {
+          acc_out[b] = 0;  // the mixture is undefined at a position the row reaches: (0, -1)
+          tok_out[b] = -1;
+          return;
+        }
+        const Distribution dp = distribution(xp.data(), vocab, mp, nfp, p, ws);
+        // q_j: the drafter's transformed distribution (q = 0 for an invalid drafter row)
+        float mq;
+        int64_t nfq;
+        const bool q_valid = load_row(draft + b * d_sb + j * d_sj, d_sv, vocab, ws, mq, nfq);
+        std::swap(ws.row, ws.other);
+        Distribution dq;
+        if (q_valid) dq = distribution(ws.other.data(), vocab, mq, nfq, p, ws);
+        const int64_t x = tok[b * tok_sb + j * tok_sj];
+        float px = 0, qx = 0;
+        if (x >= 0 && x < vocab) {
+          px = dp.probability(xp.data(), x);
+          qx = q_valid ? dq.probability(ws.other.data(), x) : 0.0f;
+        }
+        uint32_t words[4];
+        philox::words(p.seed, p.offset + static_cast<uint64_t>(j), kStreamAccept, 0, words);
+        if (philox::uniform_from_bits(words[0]) * qx < px) {
+          acc_out[b] = j + 1;
+          continue;
+        }
+        tok_out[b] = dp.greedy ? dp.argmax
+                               : residual_draw(xp.data(), dp, ws.other.data(), q_valid ? &dq : nullptr, vocab, p.seed,
+                                               p.offset + static_cast<uint64_t>(j));
+        return;
+      }
+    });
+  });
+  return {accepted, token};
 }
 
 }  // namespace me
