@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draft-tokens", type=int, default=0,
+                   help="--method ce: draft up to this many tokens per round with ME and verify them (exact CE)")
+    p.add_argument("--draft-member", type=int, default=None,
+                   help="with --draft-tokens: the member that drafts (default: drawn from the weights)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="torch dtype for the members, e.g. bfloat16 (default: as saved)")
     p.add_argument("--engine", choices=("auto", "stacked", "hf"), default="auto",
@@ -81,6 +85,8 @@ def _timed_generate(ens, prompt: str, args, method: str):
         selection=args.selection,
         member=args.member,
     )
+    if args.draft_tokens or args.draft_member is not None:
+        kwargs.update(draft_tokens=args.draft_tokens, draft_member=args.draft_member)
     ens.generate([prompt], **{**kwargs, "max_new_tokens": min(4, args.max_new_tokens)})  # warm-up
     if ens.device.type == "cuda":
         torch.cuda.synchronize(ens.device)
@@ -141,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         print(format_trace(ens.tokenizer, gen.token_ids, gen.members, color))
         counts = [gen.members.count(m) for m in range(ens.num_members)]
         print("--- tokens per member: " + ", ".join(f"{m}: {c}" for m, c in enumerate(counts)))
+    if gen.drafted:
+        print(f"--- drafting: {gen.accepted} of {gen.drafted} drafted tokens accepted "
+              f"(acceptance rate {gen.accepted / gen.drafted:.2f})")
     print(f"--- speed: {args.method} {tps:.1f} tokens/s on {ens.device} (engine {ens.engine})")
     mem = ens.memory_bytes()
     cache = "" if mem["kv_cache"] is None else f", KV cache {mem['kv_cache'] / 2**20:.1f} MiB (preallocated)"
     print(f"--- memory: weights {mem['weights'] / 2**20:.1f} MiB (held once){cache}")
-    if args.compare and args.method != "ce":
-        ce_gen, ce_tps = _timed_generate(ens, prompt, args, "ce")
+    if args.compare and (args.method != "ce" or args.draft_tokens):
+        plain = argparse.Namespace(**{**vars(args), "draft_tokens": 0, "draft_member": None})
+        ce_gen, ce_tps = _timed_generate(ens, prompt, plain, "ce")
         print(f"--- ce ({len(ce_gen.token_ids)} tokens, same prompt and seed)\n{prompt}{ce_gen.text}")
         print(f"--- speed: {args.method} {tps:.1f} tokens/s vs ce {ce_tps:.1f} tokens/s ({tps / ce_tps:.2f}x)")
     if not args.model and not args.no_score:

@@ -797,7 +797,7 @@ std::tuple<at::Tensor, at::Tensor> verify_draft_cpu(
         }
         uint32_t words[4];
         philox::words(p.seed, p.offset + static_cast<uint64_t>(j), kStreamAccept, 0, words);
-        if (philox::uniform_from_bits(words[0]) * qx < px) {
+        if (q_valid && philox::uniform_from_bits(words[0]) * qx < px) {  // an invalid drafter row's draft is rejected
           acc_out[b] = j + 1;
           continue;
         }
