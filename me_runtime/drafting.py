@@ -52,9 +52,12 @@ import me_kernels
 from .decode import Batch, Decoder, RequestResult, StepTokens, record_tokens
 
 
-def _verify_draft(*args, **kwargs):  # TEMPORARY until the kernel lands
-    from me_kernels.reference import verify_draft_reference
-    return verify_draft_reference(*args, **kwargs)
+def _verify_draft(target, draft_logits, draft_tokens, weights, *, seed, offset, temperature=1.0, top_k=0, top_p=1.0,
+                  min_p=0.0):  # TEMPORARY until me_kernels.verify_draft lands
+    from me_kernels._validate import sampling_row_params
+    rows = sampling_row_params(target.shape[1], target.device, temperature=temperature, top_k=top_k, top_p=top_p,
+                               min_p=min_p, seed=seed, offset=offset)
+    return torch.ops.me.verify_draft(target, draft_logits, draft_tokens, weights, None, target.shape[2], *rows.flat())
 
 
 class DraftController:
@@ -62,16 +65,31 @@ class DraftController:
 
     Acceptance: per request, accepted / tested drafts with a prior of one accepted in two (so a
     new request starts by drafting). Lock-step rounds emit the minimum over rows, so the expected
-    tokens of a round with D drafts are sum_{i=0..D} prod_b a_b^i. Costs: exponential averages of
-    the wall time of a draft step and of a verification (each ends with a host transfer, so the
-    host clock measures the device work)."""
+    tokens of a round with D drafts are sum_{i=0..D} prod_b a_b^i. Costs, from the wall time of
+    each phase (each ends with a host transfer, so the host clock measures the device work): a
+    draft step's time, and the verification's time as a line in the positions J it verifies,
+    c(J) = a + b * J, fitted to the average time of each J measured so far (b = 0, the
+    memory-bound GPU regime, until two different J are measured; on a CPU the verification is
+    compute-bound and b > 0). Before any measurement: a draft costs one member forward, a
+    verification M."""
 
     def __init__(self, max_drafts: int, num_members: int, adaptive: bool = True):
         self.max_drafts = max_drafts
         self.adaptive = adaptive
-        self.c_draft = 1.0  # prior, in forwards: a draft step runs one member ...
-        self.c_verify = float(num_members)  # ... a verification all of them
+        self.c_draft = 1.0
+        self.num_members = num_members
+        self.verify_times: dict[int, float] = {}  # positions verified -> average seconds
         self.measured = False
+
+    def verify_cost(self, span: int) -> float:
+        if not self.verify_times:
+            return float(self.num_members)
+        if len(self.verify_times) == 1:
+            return next(iter(self.verify_times.values()))
+        xs, ys = zip(*self.verify_times.items())
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        return max(my + max(slope, 0.0) * (span - mx), 1e-9)
 
     def choose(self, tested: list[int], accepted: list[int]) -> int:
         if not self.adaptive:
@@ -80,22 +98,23 @@ class DraftController:
         best, best_d = -1.0, 0
         for d in range(self.max_drafts + 1):
             expected = sum(_prod(r**i for r in rates) for i in range(d + 1))
-            value = expected / (d * self.c_draft + self.c_verify)
+            value = expected / (d * self.c_draft + self.verify_cost(d + 1))
             if value > best * (1 + 1e-9):
                 best, best_d = value, d
         return best_d
 
     def observe(self, draft_seconds: float, drafts: int, verify_seconds: float) -> None:
+        """Record one round: `drafts` draft steps took draft_seconds, verifying drafts + 1
+        positions took verify_seconds."""
+        if not self.measured and not drafts:
+            self.c_draft = verify_seconds / self.num_members  # the prior's ratio, in seconds
         if drafts:
             per = draft_seconds / drafts
             self.c_draft = per if not self.measured else 0.7 * self.c_draft + 0.3 * per
-        if not self.measured:  # the first measurement replaces both priors (same units)
-            if not drafts:
-                self.c_draft *= verify_seconds / self.c_verify
-            self.c_verify = verify_seconds
-            self.measured = True
-        else:
-            self.c_verify = 0.7 * self.c_verify + 0.3 * verify_seconds
+        span = drafts + 1
+        old = self.verify_times.get(span)
+        self.verify_times[span] = verify_seconds if old is None else 0.7 * old + 0.3 * verify_seconds
+        self.measured = True
 
 
 def _prod(values) -> float:

@@ -212,6 +212,13 @@ def test_controller_drafts_when_it_pays():
     assert ctl.choose([100], [5]) == 0  # near-certain rejection: plain verification steps
     ctl.observe(draft_seconds=3.0, drafts=3, verify_seconds=3.0)  # drafts cost a third of a verification
     assert ctl.choose([100], [60]) >= 1
+    # a verification whose cost grows with the positions it reads (a compute-bound CPU) makes long
+    # rounds expensive: fewer drafts pay
+    cpu = DraftController(4, num_members=3)
+    cpu.observe(draft_seconds=4.0, drafts=4, verify_seconds=5.0 * 3)  # J = 5 costs 5x ...
+    cpu.observe(draft_seconds=0.0, drafts=0, verify_seconds=3.0)  # ... a J = 1 verification
+    assert cpu.verify_cost(3) == pytest.approx(9.0)
+    assert cpu.choose([100], [90]) < ctl.choose([100], [90])
     fixed = DraftController(2, num_members=3, adaptive=False)
     assert fixed.choose([100], [0]) == 2
 

@@ -1,0 +1,187 @@
+"""Exact CE by drafting: tokens/s and acceptance against plain CE and ME, side by side in one run.
+
+Member sets:
+    demo        the two trained demo members (dissimilar: code and prose)
+    finetunes   three "fine-tunes" of one base: bench/configs/small-llama.json (or --base) with
+                random weights, its logits sharpened (final-norm gain --sharpness, so next-token
+                distributions are peaked like a trained model's), and members = base + Gaussian
+                noise of --perturb times each weight tensor's standard deviation
+
+Rows, for each member set, batch size and sampling setting:
+    ce          plain CE (every member every step, mixture_sample)
+    me          ME (one member per step per request)
+    ce-draft    CE by drafting, adaptive (draft_tokens = --draft-tokens is the per-round maximum)
+    ce-draft-k  CE by drafting, always --draft-tokens per round (draft_adaptive=False)
+    ce-draft-m0 adaptive, member 0 drafts every token (draft_member=0)
+
+Each row reports tokens/s, ms per token, the acceptance rate (accepted / drafted over the run)
+and, for the drafting rows, the cost model: rounds, draft forwards and verification forwards per
+emitted token. One thread, rows interleaved per repeat, median of --repeats.
+
+    python bench/drafting.py --out bench/results/cpu-2026-11-30/drafting.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from e2e import build_members, cpu_name, load_config, sync  # noqa: E402
+from me_runtime import Ensemble  # noqa: E402
+
+SETTINGS = {
+    "greedy": dict(temperature=0.0),
+    "top_p=0.9": dict(temperature=1.0, top_p=0.9),
+    "top_k=10": dict(temperature=1.0, top_k=10),
+}
+ROWS = ("ce", "me", "ce-draft", "ce-draft-k", "ce-draft-m0")
+
+
+def finetunes(base: str, count: int, sharpness: float, perturb: float, device) -> list[torch.nn.Module]:
+    """`count` perturbed copies of one random base member (see the module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(base)
+    torch.manual_seed(1234)
+    with torch.device(device):
+        base_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_model.model.norm.weight.mul_(sharpness)
+    state = {k: v.clone() for k, v in base_model.state_dict().items()}
+    members = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(99 + i)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        noisy = {}
+        for name, value in state.items():
+            if value.dim() >= 1 and value.numel() > 1 and value.is_floating_point():
+                noise = torch.randn(value.shape, generator=gen).to(device)
+                value = value + perturb * value.float().std() * noise
+            noisy[name] = value
+        model.load_state_dict(noisy)
+        model.generation_config.eos_token_id = None
+        members.append(model)
+    return members
+
+
+def run(ens, row, prompts, new_tokens, params, k, seed):
+    kwargs = dict(max_new_tokens=new_tokens, seed=seed, **params)
+    if row == "me":
+        gens = ens.generate_ids(prompts, method="me", **kwargs)
+    elif row == "ce":
+        gens = ens.generate_ids(prompts, method="ce", **kwargs)
+    else:
+        extra = {"ce-draft": {}, "ce-draft-k": {"draft_adaptive": False}, "ce-draft-m0": {"draft_member": 0}}[row]
+        gens = ens.generate_ids(prompts, method="ce", draft_tokens=k, **extra, **kwargs)
+    return gens
+
+
+def measure(ens, members_name, batch, setting, args, results):
+    params = SETTINGS[setting]
+    gen = torch.Generator().manual_seed(7)
+    vocab = ens.models[0].config.vocab_size
+    prompts = torch.randint(3, vocab, (batch, args.prompt_len), generator=gen).tolist()
+    rows = {r: [] for r in ROWS}
+    stats = {r: None for r in ROWS}
+    for row in ROWS:  # warm-up (allocations, first-call costs)
+        run(ens, row, prompts, 4, params, args.draft_tokens, 0)
+    for rep in range(args.repeats):
+        for row in ROWS:
+            sync(ens.device)
+            t0 = time.perf_counter()
+            gens = run(ens, row, prompts, args.new_tokens, params, args.draft_tokens, 1000 * rep)
+            sync(ens.device)
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(g.token_ids) for g in gens)
+            rows[row].append(tokens / seconds)
+            if rep == 0:
+                stats[row] = dict(drafted=sum(g.drafted for g in gens), accepted=sum(g.accepted for g in gens),
+                                  tokens=tokens)
+    for row in ROWS:
+        tps = statistics.median(rows[row])
+        entry = dict(members=members_name, batch=batch, setting=setting, row=row, tokens_per_s=tps,
+                     ms_per_token=1e3 * batch / tps, runs=rows[row], **stats[row])
+        if stats[row]["drafted"]:
+            entry["acceptance"] = stats[row]["accepted"] / stats[row]["drafted"]
+        results.append(entry)
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items() if k != "runs"}),
+              flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sets", default="demo,finetunes")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--base", default="small-llama", help="bench/configs/NAME.json of the fine-tunes' base")
+    p.add_argument("--sharpness", type=float, default=40.0)
+    p.add_argument("--perturb", type=float, default=0.02)
+    p.add_argument("--draft-tokens", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results: list[dict] = []
+    for name in args.sets.split(","):
+        if name == "demo":
+            models = build_members("demo", 2, torch.bfloat16, device)
+        else:
+            models = finetunes(args.base, 3, args.sharpness, args.perturb, device)
+        ens = Ensemble(models, engine="auto", max_seq_len=args.prompt_len + args.new_tokens + 8)
+        print(f"# {name}: {len(models)} members, engine {ens.engine}, vocab {models[0].config.vocab_size}", flush=True)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for setting in args.settings.split(","):
+                measure(ens, name, batch, setting, args, results)
+        del ens, models
+    out = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        torch=torch.__version__, threads=args.threads, args=vars(args), results=results,
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    print(format_table(results))
+    return 0
+
+
+def format_table(results: list[dict]) -> str:
+    """Markdown: one line per (members, batch, setting) with tokens/s per row and ratios to CE."""
+    lines = ["| members | B | setting | CE tok/s | ME | CE-draft (adaptive) | CE-draft k fixed | CE-draft member 0 | "
+             "acceptance (adaptive / fixed k) |", "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["members"], r["batch"], r["setting"]) for r in results}, key=lambda k: (k[0], k[1]))
+    for key in keys:
+        by = {r["row"]: r for r in results if (r["members"], r["batch"], r["setting"]) == key}
+        ce = by["ce"]["tokens_per_s"]
+
+        def cell(row):
+            return f"{by[row]['tokens_per_s']:.1f} ({by[row]['tokens_per_s'] / ce:.2f}x)"
+
+        acc = " / ".join(f"{by[r].get('acceptance', float('nan')):.2f}" for r in ("ce-draft", "ce-draft-k"))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {ce:.1f} | {cell('me')} | {cell('ce-draft')} | "
+                     f"{cell('ce-draft-k')} | {cell('ce-draft-m0')} | {acc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
