@@ -17,6 +17,9 @@ mixture_sample     mixture._mixture_partials_kernel +      mixture_sample_refere
                    mixture._mixture_sample_kernel
 mixture_logprobs   mixture._mixture_partials_kernel +      mixture_logprobs_reference       tests/test_mixture_logprobs.py   bench/bench_mixture_logprobs.py
                    mixture._mixture_logprobs_kernel
+verify_draft       mixture_logprobs + sample thresholds +  verify_draft_reference           tests/test_verify_draft.py       bench/bench_verify_draft.py
+                   verify._verify_position_kernel +
+                   verify._verify_combine_kernel
 grouped_linear     csrc/ (me_kernels._C, CUDA and C++)     grouped_linear_reference         tests/test_grouped_linear.py     bench/bench_grouped_linear.py
 group_rows         csrc/ (me_kernels._C, CUDA and C++)     group_rows_reference             tests/test_group_rows.py         bench/bench_group_rows.py
 =================  ======================================  ===============================  ===============================  ===============================
@@ -45,6 +48,7 @@ from .mixture import mixture_logprobs, mixture_sample, mixture_sample_thresholds
 from .params import SamplingParams
 from .sampling import me_step, sample, sample_thresholds
 from .selection import select_members
+from .verify import verify_draft
 
 __all__ = [
     "EXTENSION_LOADED",
@@ -62,5 +66,6 @@ __all__ = [
     "sample",
     "sample_thresholds",
     "select_members",
+    "verify_draft",
 ]
 __version__ = "0.1.0"
