@@ -372,9 +372,10 @@ def verify_draft_reference(target_logits: torch.Tensor, draft_logits: torch.Tens
     mix = torch.where(mix_bad[:, None], torch.full_like(mix, float("-inf")), mix)
     args = [_per_position(v, batch, positions) for v in (temperature, top_k, top_p, min_p)]
     p, p_bad = transformed_probs_reference(mix, *args)
-    q, _ = transformed_probs_reference(draft_logits.reshape(batch * positions, vocab), *args)
+    q, q_bad = transformed_probs_reference(draft_logits.reshape(batch * positions, vocab), *args)
     p, q = p.reshape(batch, positions, vocab), q.reshape(batch, positions, vocab)
     p_bad = (p_bad | mix_bad).reshape(batch, positions)
+    q_bad = q_bad.reshape(batch, positions)
 
     tokens = draft_tokens.to(torch.int64)
     in_range = (tokens >= 0) & (tokens < vocab)
@@ -387,7 +388,9 @@ def verify_draft_reference(target_logits: torch.Tensor, draft_logits: torch.Tens
     pos_seeds = seeds.repeat_interleave(positions)
     pos_offsets = (offsets[:, None] + steps[None, :]).reshape(-1)
     u = (uniforms or philox_uniforms_torch)(pos_seeds, pos_offsets, STREAM_ACCEPT, 1).reshape(batch, positions)
-    accept = (u * q_x < p_x) & ~p_bad
+    # u * 0 < p_x would accept the draft of an invalid drafter row: it is rejected (the residual
+    # max(0, p - 0) is then p itself, so the emitted token still follows p exactly)
+    accept = (u * q_x < p_x) & ~p_bad & ~q_bad
     n_drafts = (torch.full((batch,), positions, dtype=torch.int64, device=dev) if num_drafts is None
                 else _row_values(num_drafts, batch, dev, torch.int64).clamp(0, positions))
     live = steps[None, :] < n_drafts[:, None]
