@@ -161,9 +161,12 @@ def _residual_draw(p_ptr, q_ptr, stride_qv, V, p_pinf, q_pinf, q_valid, p_m, q_m
     while t < n_tiles:  # a while loop: the interpreter cannot range() over runtime scalars
         start = t * BLOCK
         offs = tile_offsets(start, NSUB, SUB)
-        p = tl.math.div_rn(_kept_weights(_load_values(p_ptr, 1, offs, V, p_pinf), p_m, inv_t, p_tau, min_p), zp)
-        q = tl.math.div_rn(_kept_weights(_load_values(q_ptr, stride_qv, offs, V, q_pinf), q_m, inv_t, q_tau, min_p),
-                           zq)
+        # div_rn: the reference's IEEE division (a GPU's default fp32 division is approximate);
+        # it does not broadcast, hence the explicit [NSUB, SUB] denominators.
+        e_p = _kept_weights(_load_values(p_ptr, 1, offs, V, p_pinf), p_m, inv_t, p_tau, min_p)
+        e_q = _kept_weights(_load_values(q_ptr, stride_qv, offs, V, q_pinf), q_m, inv_t, q_tau, min_p)
+        p = tl.math.div_rn(e_p, tl.zeros_like(e_p) + zp)
+        q = tl.math.div_rn(e_q, tl.zeros_like(e_q) + zq)
         q = tl.where(q_valid, q, 0.0)
         r = tl.maximum(p - q, 0.0)
         g = gumbel_tile(start, seed, offset, _RESIDUAL_STREAM, NSUB, SUB)
@@ -243,7 +246,8 @@ def _verify_position_kernel(
     p_x = _prob_at(p_ptr, 1, x, in_range & ~p_invalid, p_pinf, p_m, inv_t, p_tau, min_p, zp, greedy, p_top)
     q_x = _prob_at(q_ptr, stride_dv, x, in_range & ~q_invalid, q_pinf, q_m, inv_t, q_tau, min_p, zq, greedy, q_top)
     u = tl.sum(uniform_at(tl.zeros([1], tl.int32), seed, offset, _ACCEPT_STREAM), 0)
-    accept = (u * q_x < p_x) & ~p_invalid
+    # an invalid drafter row has q = 0, and u * 0 < p(x) must not accept its draft
+    accept = (u * q_x < p_x) & ~p_invalid & ~q_invalid
     # (c) the residual token of this position, used only if it is the first rejection. Greedy:
     # p and q are one-hot, so the residual is p's token whether or not q agrees.
     token = p_top
