@@ -27,6 +27,9 @@ group_rows         csrc/ (me_kernels._C, CUDA and C++)     group_rows_reference 
 The sampling ops also have compiled CPU kernels (csrc/cpu/sampling_cpu.cpp, the CPU path when
 the extension is built): they draw the reference's tokens exactly, tested for every op in
 tests/test_cpu_kernels.py and timed against the reference by bench/bench_cpu_kernels.py.
+verify_draft (exact CE by drafting: speculative acceptance of drafted tokens against the mixture,
+Philox streams STREAM_ACCEPT / STREAM_RESIDUAL) has no compiled CPU kernel: its CPU path is the
+torch reference.
 
 The sampling kernels share the row pipeline of me_kernels._rows (design in its docstring; passes
 in _row_passes, register-level threshold search in _row_search) and the Philox streams of
@@ -42,7 +45,7 @@ Example::
 """
 from . import reference
 from ._extension import EXTENSION_LOADED
-from ._philox import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
+from ._philox import STREAM_ACCEPT, STREAM_MEMBER, STREAM_MIXTURE, STREAM_RESIDUAL, STREAM_TOKEN
 from .grouped import group_rows, grouped_linear
 from .mixture import mixture_logprobs, mixture_sample, mixture_sample_thresholds
 from .params import SamplingParams
@@ -52,8 +55,10 @@ from .verify import verify_draft
 
 __all__ = [
     "EXTENSION_LOADED",
+    "STREAM_ACCEPT",
     "STREAM_MEMBER",
     "STREAM_MIXTURE",
+    "STREAM_RESIDUAL",
     "STREAM_TOKEN",
     "SamplingParams",
     "group_rows",
