@@ -53,7 +53,7 @@ CELLS="qwen2.5-1.5b:3:1,qwen2.5-1.5b:3:32,llama-3.2-1b:3:1,qwen2.5-1.5b:2:1,qwen
 [ -f bench/e2e.py ] && step e2e "$(budget 115)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 85)" --out "$OUTDIR/e2e.json"
 # Kernel microbenchmarks, one file per op (bench/bench_<op>.py), one JSON per op
 # ($OUTDIR/bench_<op>.json). The ops with targets (sample, grouped_linear) run in their own
-# session, their target cases first (ids matching these substrings); the other five share one
+# session, their target cases first (ids matching these substrings); the other six share one
 # session (one interpreter start, one copy-bandwidth measurement, one budget) whose JSON is then
 # split per file. Each session skips (not kills) its remaining cases when its budget is spent.
 bench_step() {  # bench_step NAME SECONDS PRIORITY FILE...
@@ -64,8 +64,8 @@ bench_step() {  # bench_step NAME SECONDS PRIORITY FILE...
 }
 bench_step bench_sample 22 "top_p-B128-V131072-fp32|-B1-V|-B64-V|-B256-V" bench/bench_sample.py
 bench_step bench_grouped_linear 22 "-M4-T1]|-M4-T16]|-M4-T512]|-M4-|-M3-" bench/bench_grouped_linear.py
-OTHERS=(bench/bench_me_step.py bench/bench_mixture_sample.py bench/bench_mixture_logprobs.py bench/bench_select_members.py bench/bench_group_rows.py)
-bench_step ops-combined 22 "test_me_step[top_p-B1-V32000-|test_mixture_sample[top_p-B1-V152064-|test_mixture_logprobs[plain-B1-V152064-|test_select_members[B64-M3-|test_group_rows[T512-M3-|test_me_step[top_p-B64-|test_mixture_sample[top_p-B64-|-B1-|-T1-" "${OTHERS[@]}"
+OTHERS=(bench/bench_me_step.py bench/bench_mixture_sample.py bench/bench_mixture_logprobs.py bench/bench_select_members.py bench/bench_group_rows.py bench/bench_verify_draft.py)
+bench_step ops-combined 22 "test_me_step[top_p-B1-V32000-|test_mixture_sample[top_p-B1-V152064-|test_mixture_logprobs[plain-B1-V152064-|test_select_members[B64-M3-|test_group_rows[T512-M3-|test_verify_draft[top_p-B1-J3-|test_me_step[top_p-B64-|test_mixture_sample[top_p-B64-|-B1-|-T1-" "${OTHERS[@]}"
 "$PY" - "$OUTDIR/ops-combined.json" <<'PYEOF' && rm -f "$OUTDIR/ops-combined.json"
 import json, os, sys
 path = sys.argv[1]

@@ -17,6 +17,9 @@ mixture_sample     mixture._mixture_partials_kernel +      mixture_sample_refere
                    mixture._mixture_sample_kernel
 mixture_logprobs   mixture._mixture_partials_kernel +      mixture_logprobs_reference       tests/test_mixture_logprobs.py   bench/bench_mixture_logprobs.py
                    mixture._mixture_logprobs_kernel
+verify_draft       mixture_logprobs + sample thresholds +  verify_draft_reference           tests/test_verify_draft.py       bench/bench_verify_draft.py
+                   verify._verify_position_kernel +
+                   verify._verify_combine_kernel
 grouped_linear     csrc/ (me_kernels._C, CUDA and C++)     grouped_linear_reference         tests/test_grouped_linear.py     bench/bench_grouped_linear.py
 group_rows         csrc/ (me_kernels._C, CUDA and C++)     group_rows_reference             tests/test_group_rows.py         bench/bench_group_rows.py
 =================  ======================================  ===============================  ===============================  ===============================
@@ -24,6 +27,9 @@ group_rows         csrc/ (me_kernels._C, CUDA and C++)     group_rows_reference 
 The sampling ops also have compiled CPU kernels (csrc/cpu/sampling_cpu.cpp, the CPU path when
 the extension is built): they draw the reference's tokens exactly, tested for every op in
 tests/test_cpu_kernels.py and timed against the reference by bench/bench_cpu_kernels.py.
+verify_draft (exact CE by drafting: speculative acceptance of drafted tokens against the mixture,
+Philox streams STREAM_ACCEPT / STREAM_RESIDUAL) has no compiled CPU kernel: its CPU path is the
+torch reference.
 
 The sampling kernels share the row pipeline of me_kernels._rows (design in its docstring; passes
 in _row_passes, register-level threshold search in _row_search) and the Philox streams of
@@ -39,17 +45,20 @@ Example::
 """
 from . import reference
 from ._extension import EXTENSION_LOADED
-from ._philox import STREAM_MEMBER, STREAM_MIXTURE, STREAM_TOKEN
+from ._philox import STREAM_ACCEPT, STREAM_MEMBER, STREAM_MIXTURE, STREAM_RESIDUAL, STREAM_TOKEN
 from .grouped import group_rows, grouped_linear
 from .mixture import mixture_logprobs, mixture_sample, mixture_sample_thresholds
 from .params import SamplingParams
 from .sampling import me_step, sample, sample_thresholds
 from .selection import select_members
+from .verify import verify_draft
 
 __all__ = [
     "EXTENSION_LOADED",
+    "STREAM_ACCEPT",
     "STREAM_MEMBER",
     "STREAM_MIXTURE",
+    "STREAM_RESIDUAL",
     "STREAM_TOKEN",
     "SamplingParams",
     "group_rows",
@@ -62,5 +71,6 @@ __all__ = [
     "sample",
     "sample_thresholds",
     "select_members",
+    "verify_draft",
 ]
 __version__ = "0.1.0"

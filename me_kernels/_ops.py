@@ -38,6 +38,9 @@ SCHEMAS = {
     "select_members": "select_members(Tensor weights, Tensor? seed_t, int seed_s, Tensor? off_t, int off_s, int batch) -> Tensor",
     "mixture_sample": f"mixture_sample(Tensor logits, Tensor weights, {_ROW}) -> Tensor",
     "mixture_logprobs": "mixture_logprobs(Tensor logits, Tensor weights) -> Tensor",
+    # num_drafts travels like a row parameter: int64 [B] tensor, or the scalar for every row.
+    "verify_draft": ("verify_draft(Tensor target_logits, Tensor draft_logits, Tensor draft_tokens, Tensor weights, "
+                     f"Tensor? ndraft_t, int ndraft_s, {_ROW}) -> (Tensor, Tensor)"),
 }
 
 _lib = torch.library.Library("me", "FRAGMENT")  # kept alive: the registrations live as long as it
@@ -152,6 +155,13 @@ def _mixture_sample_cpu(logits, weights, *row):
     return reference.mixture_sample_reference(logits, weights, **kwargs, uniforms=uniforms_torch)
 
 
+def _verify_draft_cpu(target_logits, draft_logits, draft_tokens, weights, ndraft_t, ndraft_s, *row):
+    kwargs = RowParams.from_flat(SAMPLING_ROW_NAMES, row).values()
+    num_drafts = ndraft_t if ndraft_t is not None else ndraft_s
+    return reference.verify_draft_reference(target_logits, draft_logits, draft_tokens, weights, num_drafts=num_drafts,
+                                            **kwargs, uniforms=uniforms_torch)
+
+
 _FALLBACKS = {  # name -> (implementation, dispatch key)
     "group_rows": (_group_rows_fallback, "CompositeExplicitAutograd"),
     "grouped_linear": (_grouped_linear_fallback, "CompositeExplicitAutograd"),
@@ -160,6 +170,7 @@ _FALLBACKS = {  # name -> (implementation, dispatch key)
     "select_members": (_select_members_cpu, "CPU"),
     "mixture_sample": (_mixture_sample_cpu, "CPU"),
     "mixture_logprobs": (reference.mixture_logprobs_reference, "CPU"),
+    "verify_draft": (_verify_draft_cpu, "CPU"),
 }
 
 for _name, (_impl, _key) in _FALLBACKS.items():
@@ -211,6 +222,11 @@ def _mixture_logprobs_fake(logits, weights):
     return logits.new_empty((logits.shape[1], logits.shape[2]), dtype=torch.float32)
 
 
+def _verify_draft_fake(target_logits, draft_logits, draft_tokens, weights, ndraft_t, ndraft_s, *row):
+    b = target_logits.shape[1]
+    return target_logits.new_empty((b,), dtype=torch.int64), target_logits.new_empty((b,), dtype=torch.int64)
+
+
 _FAKES = {
     "group_rows": _group_rows_fake,
     "grouped_linear": _grouped_linear_fake,
@@ -219,6 +235,7 @@ _FAKES = {
     "select_members": _select_members_fake,
     "mixture_sample": _mixture_sample_fake,
     "mixture_logprobs": _mixture_logprobs_fake,
+    "verify_draft": _verify_draft_fake,
 }
 for _name, _fake in _FAKES.items():
     if not _has_kernel(_name, "Meta"):  # an extension's own meta kernel is kept

@@ -45,6 +45,7 @@ __all__ = [
     "uniform_from_bits",
     "gumbel_tile",
     "gumbel_at",
+    "uniform_at",
     "uniforms_triton",
 ]
 
@@ -109,8 +110,8 @@ def gumbel_tile(start, seed, offset, stream: tl.constexpr, ROWS: tl.constexpr, C
 
 
 @triton.jit
-def gumbel_at(idx, seed, offset, stream: tl.constexpr):
-    """Gumbel(0, 1) noise for arbitrary element indices `idx` (any shape, int)."""
+def uniform_at(idx, seed, offset, stream: tl.constexpr):
+    """The fp32 uniform in (0, 1) of arbitrary element indices `idx` (any shape, int)."""
     k0, k1 = _key_words(seed)
     off = offset.to(tl.int64)
     o_lo = (off & 0xFFFFFFFF).to(tl.uint32)
@@ -121,7 +122,13 @@ def gumbel_at(idx, seed, offset, stream: tl.constexpr):
     r0, r1, r2, r3 = philox4x32_10(c0, zero + o_lo, zero + o_hi, zero + stream, k0, k1)
     w = i & 3
     r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
-    return _gumbel_from_bits(r)
+    return uniform_from_bits(r)
+
+
+@triton.jit
+def gumbel_at(idx, seed, offset, stream: tl.constexpr):
+    """Gumbel(0, 1) noise for arbitrary element indices `idx` (any shape, int)."""
+    return -tl.log(-tl.log(uniform_at(idx, seed, offset, stream)))
 
 
 # --------------------------------------------------------------------------------------------

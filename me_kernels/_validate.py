@@ -27,6 +27,8 @@ __all__ = [
     "MAX_VOCAB",
     "check_logits",
     "check_mixture_logits",
+    "check_draft_inputs",
+    "count_param",
     "sampling_params",
     "seed_param",
     "sampling_row_params",
@@ -136,6 +138,56 @@ def check_mixture_logits(logits, name: str = "logits") -> tuple[int, int, int]:
     if v < 1 or v >= MAX_VOCAB:
         raise ValueError(f"{name} must have a vocabulary size V in [1, {MAX_VOCAB}), got V={v}")
     return m, b, v
+
+
+def check_draft_inputs(target_logits, draft_logits, draft_tokens) -> tuple[int, int, int, int]:
+    """The inputs of verify_draft: target_logits [M, B, J, V] and draft_logits [B, J, V]
+    float32/bfloat16/float16 (any strides, dtypes may differ), draft_tokens integer [B, J], all
+    on one device. Returns (M, B, J, V)."""
+    _check_tensor_arg(target_logits, "target_logits", (4,))
+    _check_float_dtype(target_logits, "target_logits")
+    m, b, j, v = target_logits.shape
+    if m < 1:
+        raise ValueError(f"target_logits must hold at least one member (shape [M, B, J, V] with M >= 1), got M={m}")
+    if v < 1 or v >= MAX_VOCAB:
+        raise ValueError(f"target_logits must have a vocabulary size V in [1, {MAX_VOCAB}), got V={v}")
+    _check_tensor_arg(draft_logits, "draft_logits", (3,))
+    _check_float_dtype(draft_logits, "draft_logits")
+    if tuple(draft_logits.shape) != (b, j, v):
+        raise ValueError(f"draft_logits must have shape [B, J, V] = [{b}, {j}, {v}] (as target_logits [M, B, J, V]), "
+                         f"got {tuple(draft_logits.shape)}")
+    _check_tensor_arg(draft_tokens, "draft_tokens", (2,))
+    if draft_tokens.dtype == torch.bool or draft_tokens.is_floating_point() or draft_tokens.is_complex():
+        raise TypeError(f"draft_tokens must be an integer tensor, got {draft_tokens.dtype}")
+    if tuple(draft_tokens.shape) != (b, j):
+        raise ValueError(f"draft_tokens must have shape [B, J] = [{b}, {j}], got {tuple(draft_tokens.shape)}")
+    device = target_logits.device
+    for name, t in (("draft_logits", draft_logits), ("draft_tokens", draft_tokens)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but target_logits is on {device}")
+    return m, b, j, v
+
+
+def count_param(value, name: str, batch: int, device: torch.device, hi: int) -> RowParam:
+    """A per-row count in [0, hi]: None (= hi for every row), a Python int, or an integer tensor
+    [B] (int64; CPU values are range-checked, device values are clamped by the kernels)."""
+    if value is None:
+        return RowParam(None, hi)
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        t = _row_tensor(value, name, batch, device)
+        if _values_readable(t) and t.numel() > 0:
+            bad = (t < 0) | (t > hi)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name}[{row}] = {int(t[row])} is outside the allowed range [0, {hi}]")
+        return RowParam(t.to(torch.int64), hi)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be None, an int or an integer tensor of shape [B], got {_type_name(value)}")
+    if not 0 <= int(value) <= hi:
+        raise ValueError(f"{name} = {int(value)} is outside the allowed range [0, {hi}]")
+    return RowParam(None, int(value))
 
 
 def check_batch(batch, name: str = "batch") -> int:

@@ -353,13 +353,13 @@ def _per_position(value, batch: int, positions: int):
 
 def verify_draft_reference(target_logits: torch.Tensor, draft_logits: torch.Tensor, draft_tokens: torch.Tensor,
                            weights: torch.Tensor, *, num_drafts=None, temperature=1.0, top_k=0, top_p=1.0,
-                           min_p=0.0, seed=0, offset=0) -> tuple[torch.Tensor, torch.Tensor]:
+                           min_p=0.0, seed=0, offset=0, uniforms=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of me_kernels.verify_draft (semantics above).
 
     target_logits [M, B, J, V] (every member's logits at each drafted position), draft_logits
     [B, J, V] (the drafter's logits there), draft_tokens int64 [B, J], weights [M] or [B, M],
     num_drafts int [B] (positions of each row that hold a draft; default J). Returns
-    (num_accepted int64 [B], residual_token int64 [B]).
+    (num_accepted int64 [B], residual_token int64 [B]). `uniforms`: as for `sample_reference`.
     """
     num_members, batch, positions, vocab = target_logits.shape
     dev = target_logits.device
@@ -372,9 +372,10 @@ def verify_draft_reference(target_logits: torch.Tensor, draft_logits: torch.Tens
     mix = torch.where(mix_bad[:, None], torch.full_like(mix, float("-inf")), mix)
     args = [_per_position(v, batch, positions) for v in (temperature, top_k, top_p, min_p)]
     p, p_bad = transformed_probs_reference(mix, *args)
-    q, _ = transformed_probs_reference(draft_logits.reshape(batch * positions, vocab), *args)
+    q, q_bad = transformed_probs_reference(draft_logits.reshape(batch * positions, vocab), *args)
     p, q = p.reshape(batch, positions, vocab), q.reshape(batch, positions, vocab)
     p_bad = (p_bad | mix_bad).reshape(batch, positions)
+    q_bad = q_bad.reshape(batch, positions)
 
     tokens = draft_tokens.to(torch.int64)
     in_range = (tokens >= 0) & (tokens < vocab)
@@ -386,8 +387,10 @@ def verify_draft_reference(target_logits: torch.Tensor, draft_logits: torch.Tens
     steps = torch.arange(positions, device=dev)
     pos_seeds = seeds.repeat_interleave(positions)
     pos_offsets = (offsets[:, None] + steps[None, :]).reshape(-1)
-    u = philox_uniforms_torch(pos_seeds, pos_offsets, STREAM_ACCEPT, 1).reshape(batch, positions)
-    accept = (u * q_x < p_x) & ~p_bad
+    u = (uniforms or philox_uniforms_torch)(pos_seeds, pos_offsets, STREAM_ACCEPT, 1).reshape(batch, positions)
+    # u * 0 < p_x would accept the draft of an invalid drafter row: it is rejected (the residual
+    # max(0, p - 0) is then p itself, so the emitted token still follows p exactly)
+    accept = (u * q_x < p_x) & ~p_bad & ~q_bad
     n_drafts = (torch.full((batch,), positions, dtype=torch.int64, device=dev) if num_drafts is None
                 else _row_values(num_drafts, batch, dev, torch.int64).clamp(0, positions))
     live = steps[None, :] < n_drafts[:, None]
@@ -396,7 +399,7 @@ def verify_draft_reference(target_logits: torch.Tensor, draft_logits: torch.Tens
     # the residual draw at every position (only the one at `accepted` is used)
     r = (p - q).clamp(min=0)
     r = torch.where((r.sum(dim=2) > 0)[..., None], r, p)
-    g = gumbel_torch(pos_seeds, pos_offsets, STREAM_RESIDUAL, vocab).reshape(batch, positions, vocab)
+    g = gumbel_torch(pos_seeds, pos_offsets, STREAM_RESIDUAL, vocab, uniforms).reshape(batch, positions, vocab)
     score = torch.where(r > 0, torch.log(r) + g, torch.full_like(r, float("-inf")))
     residual = score.argmax(dim=2)
     greedy = _row_values(temperature, batch, dev, torch.float32) == 0

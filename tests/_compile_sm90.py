@@ -1,4 +1,4 @@
-"""Compile the sampling / selection / mixture Triton kernels for sm_90 without a GPU.
+"""Compile the sampling / selection / mixture / verification Triton kernels for sm_90 without a GPU.
 
 The interpreter runs kernels as Python and misses what only the compiler rejects (non-constexpr
 globals, type mismatches between branches, unsupported ops). This script builds each kernel for
@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from me_kernels import _random, mixture, sampling, selection
+from me_kernels import _random, mixture, sampling, selection, verify
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -59,6 +59,15 @@ def _mixture_variant(dtype, cfg):
     return mixture._mixture_sample_kernel, sig, consts, 8, ("V", "stride_lb")
 
 
+def _verify_variant(dtype, tensors, has_tau, cfg):
+    sig = {"mix_ptr": "*fp32", "stride_xr": "i32", "V": "i32", "J": "i32",
+           "draft_ptr": dtype, "stride_db": "i32", "stride_dj": "i32", "stride_dv": "i32",
+           "tok_ptr": "*i64", "stride_tb": "i32", "stride_tj": "i32", "tau_p_ptr": "*fp32", "tau_q_ptr": "*fp32",
+           **ROW_PARAMS, "acc_ptr": "*i8", "bad_ptr": "*i8", "res_ptr": "*i64"}
+    consts = dict(HAS_TAU=has_tau, **_has(tensors), NSUB=cfg["NSUB"], SUB=cfg["SUB"])
+    return verify._verify_position_kernel, sig, consts, cfg["num_warps"], ("V", "stride_xr")
+
+
 def variants():
     large = sampling.block_config(131072)
     small = sampling.block_config(1000)
@@ -80,6 +89,12 @@ def variants():
                               "stride_seed": "i32", "seed_s": "i64", "off_ptr": "*i64", "stride_off": "i32",
                               "off_s": "i64", "out_ptr": "*i32"},
                              dict(HAS_SEED=True, HAS_OFF=False, M_PAD=4, BLOCK_B=128, stride_wm=1), 4, ())
+    yield "verify_draft position bf16 V>=16384 per-row params", _verify_variant("*bf16", True, True, large)
+    yield "verify_draft position fp32 V<2048 no thresholds", _verify_variant("*fp32", False, False, small)
+    yield "verify_draft combine", (verify._verify_combine_kernel,
+                                   {"acc_ptr": "*i8", "bad_ptr": "*i8", "res_ptr": "*i64", "J": "i32", "nd_ptr": "*i64",
+                                    "stride_nd": "i32", "nd_s": "i32", "n_out_ptr": "*i64", "tok_out_ptr": "*i64"},
+                                   dict(HAS_ND=True, J_PAD=8), 1, ())
     yield "uniforms", (_random._uniforms_kernel, {"seed_ptr": "*i64", "off_ptr": "*i64", "out_ptr": "*fp32", "n": "i32"},
                        dict(stream=0, BLOCK=256), 4, ())
 

@@ -7,12 +7,13 @@ import inspect
 import me_kernels
 
 FUNCTIONS = ["sample", "me_step", "select_members", "mixture_sample", "mixture_logprobs", "grouped_linear",
-             "group_rows", "sample_thresholds", "mixture_sample_thresholds"]
+             "group_rows", "verify_draft", "sample_thresholds", "mixture_sample_thresholds"]
+OPS_WITH_TEST_AND_BENCH = FUNCTIONS[:8]
 
 
 def test_exports():
     for name in FUNCTIONS + ["SamplingParams", "EXTENSION_LOADED", "STREAM_TOKEN", "STREAM_MEMBER", "STREAM_MIXTURE",
-                             "reference"]:
+                             "STREAM_ACCEPT", "STREAM_RESIDUAL", "reference"]:
         assert name in me_kernels.__all__ and hasattr(me_kernels, name), name
 
 
@@ -30,5 +31,5 @@ def test_public_functions_are_annotated_and_have_an_example():
 
 def test_the_package_docstring_has_the_op_table():
     doc = me_kernels.__doc__
-    for op in FUNCTIONS[:7]:
+    for op in OPS_WITH_TEST_AND_BENCH:
         assert f"tests/test_{op}.py" in doc and f"bench/bench_{op}.py" in doc, op
