@@ -47,14 +47,14 @@ SETTINGS = {
 ROWS = ("ce", "me", "ce-draft", "ce-draft-k", "ce-draft-m0")
 
 
-def finetunes(base: str, count: int, sharpness: float, perturb: float, device) -> list[torch.nn.Module]:
+def finetunes(base: str, count: int, sharpness: float, perturb: float, device, dtype=torch.float32) -> list[torch.nn.Module]:
     """`count` perturbed copies of one random base member (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(base)
     torch.manual_seed(1234)
     with torch.device(device):
-        base_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        base_model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     with torch.no_grad():
         base_model.model.norm.weight.mul_(sharpness)
     state = {k: v.clone() for k, v in base_model.state_dict().items()}
@@ -62,12 +62,12 @@ def finetunes(base: str, count: int, sharpness: float, perturb: float, device) -
     for i in range(count):
         gen = torch.Generator().manual_seed(99 + i)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         noisy = {}
         for name, value in state.items():
             if value.dim() >= 1 and value.numel() > 1 and value.is_floating_point():
                 noise = torch.randn(value.shape, generator=gen).to(device)
-                value = value + perturb * value.float().std() * noise
+                value = (value.float() + perturb * value.float().std() * noise).to(value.dtype)
             noisy[name] = value
         model.load_state_dict(noisy)
         model.generation_config.eos_token_id = None
@@ -133,6 +133,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="the fine-tunes' dtype (the demo members are bf16)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="skip (not kill) the remaining cases once this much time is spent; JSON after every case")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -142,22 +145,29 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results: list[dict] = []
+    out = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        torch=torch.__version__, threads=args.threads, args=vars(args), results=results, skipped=[],
+    )
+    began = time.perf_counter()
     for name in args.sets.split(","):
         if name == "demo":
             models = build_members("demo", 2, torch.bfloat16, device)
         else:
-            models = finetunes(args.base, 3, args.sharpness, args.perturb, device)
+            models = finetunes(args.base, 3, args.sharpness, args.perturb, device, getattr(torch, args.dtype))
         ens = Ensemble(models, engine="auto", max_seq_len=args.prompt_len + args.new_tokens + 8)
         print(f"# {name}: {len(models)} members, engine {ens.engine}, vocab {models[0].config.vocab_size}", flush=True)
         for batch in [int(b) for b in args.batches.split(",")]:
             for setting in args.settings.split(","):
+                if args.max_seconds is not None and time.perf_counter() - began > args.max_seconds:
+                    out["skipped"].append(dict(members=name, batch=batch, setting=setting))
+                    continue
                 measure(ens, name, batch, setting, args, results)
+                if args.out:  # after every case: a time limit keeps what was measured
+                    with open(args.out, "w") as f:
+                        json.dump(out, f, indent=1)
         del ens, models
-    out = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
-        torch=torch.__version__, threads=args.threads, args=vars(args), results=results,
-    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

@@ -51,6 +51,11 @@ step gpu-tests "$(budget 180)" "$PY" -m pytest -q -m gpu tests -p no:cacheprovid
 # (M=3 at B=1 and B=32), then the rest of the grid as time allows.
 CELLS="qwen2.5-1.5b:3:1,qwen2.5-1.5b:3:32,llama-3.2-1b:3:1,qwen2.5-1.5b:2:1,qwen2.5-1.5b:4:1,qwen2.5-1.5b:3:8,qwen2.5-1.5b:3:64,llama-3.2-1b:3:32"
 [ -f bench/e2e.py ] && step e2e "$(budget 115)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 85)" --out "$OUTDIR/e2e.json"
+# Exact CE by drafting against CE and ME: three bf16 "fine-tunes" of a Qwen2.5-1.5B-shaped base,
+# batch 1 first (the target), JSON after every case.
+[ -f bench/drafting.py ] && step drafting "$(budget 50)" "$PY" bench/drafting.py --device cuda --dtype bfloat16 \
+  --sets finetunes --base qwen2.5-1.5b --batches 1,8 --settings top_p=0.9,greedy,top_k=10 --repeats 1 \
+  --new-tokens 64 --max-seconds "$(budget 32)" --out "$OUTDIR/drafting.json"
 # Kernel microbenchmarks, one file per op (bench/bench_<op>.py), one JSON per op
 # ($OUTDIR/bench_<op>.json). The ops with targets (sample, grouped_linear) run in their own
 # session, their target cases first (ids matching these substrings); the other six share one

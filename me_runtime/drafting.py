@@ -52,14 +52,6 @@ import me_kernels
 from .decode import Batch, Decoder, RequestResult, StepTokens, record_tokens
 
 
-def _verify_draft(target, draft_logits, draft_tokens, weights, *, seed, offset, temperature=1.0, top_k=0, top_p=1.0,
-                  min_p=0.0):  # TEMPORARY until me_kernels.verify_draft lands
-    from me_kernels._validate import sampling_row_params
-    rows = sampling_row_params(target.shape[1], target.device, temperature=temperature, top_k=top_k, top_p=top_p,
-                               min_p=min_p, seed=seed, offset=offset)
-    return torch.ops.me.verify_draft(target, draft_logits, draft_tokens, weights, None, target.shape[2], *rows.flat())
-
-
 class DraftController:
     """Chooses the number of drafted forwards per round from measured acceptance and costs.
 
@@ -199,7 +191,7 @@ class DraftingDecoder(Decoder):
         batch.generated[:, g + drafts] = me_kernels.sample(last, seed=batch.seeds, offset=g + drafts,
                                                            **self.sample_kwargs)
         draft_tokens = batch.generated[:, g : g + span]
-        accepted, residual = _verify_draft(target, draft_logits, draft_tokens, self.weights, seed=batch.seeds,
+        accepted, residual = me_kernels.verify_draft(target, draft_logits, draft_tokens, self.weights, seed=batch.seeds,
                                                      offset=g, **self.sample_kwargs)
         # the drafters of every position the next round may start at (g + 1 .. g + span)
         offsets = g + 1 + torch.arange(span, device=dev)[None, :].expand(batch.size, -1)

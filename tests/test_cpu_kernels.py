@@ -1,5 +1,5 @@
 """The compiled CPU kernels of the sampling ops (torch.ops.me.sample / me_step / select_members /
-mixture_sample / mixture_logprobs from me_kernels._C) against the torch references.
+mixture_sample / mixture_logprobs / verify_draft from me_kernels._C) against the torch references.
 
 Tokens and members must be exactly the reference's: the kernels draw the same Philox numbers and
 compute the same fp32 scores, and find the top-k / top-p thresholds by selection instead of a sort.
@@ -17,7 +17,7 @@ import torch
 import me_kernels
 from me_kernels import reference as R
 
-OPS = ("sample", "me_step", "select_members", "mixture_sample", "mixture_logprobs")
+OPS = ("sample", "me_step", "select_members", "mixture_sample", "mixture_logprobs", "verify_draft")
 
 
 def _compiled(name: str) -> bool:
@@ -441,3 +441,37 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.me.select_members.default, (w, torch.arange(3), 0, None, 1, 3))
     torch.library.opcheck(torch.ops.me.mixture_sample.default, (mix, w, *params))
     torch.library.opcheck(torch.ops.me.mixture_logprobs.default, (mix, w))
+    target, draft = torch.randn(2, 3, 2, 37), torch.randn(3, 2, 37)
+    tokens = torch.randint(0, 37, (3, 2))
+    torch.library.opcheck(torch.ops.me.verify_draft.default, (target, draft, tokens, w, None, 2, *params))
+
+
+VERIFY_SETTINGS = [dict(), dict(temperature=0.0), dict(temperature=0.7, top_p=0.8), dict(top_k=3), dict(min_p=0.2),
+                   dict(temperature=float("inf"), top_k=5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 100, 1000])
+def test_verify_draft_matches_reference(dtype, vocab):
+    """Accept counts and residual tokens exactly the reference's, over many random draws: drafts
+    mostly near the drafter's mode (long accepted runs), some out of range; NaN mixtures; per-row
+    num_drafts; strided views."""
+    gen = torch.Generator().manual_seed(vocab)
+    for trial in range(30):
+        members, batch, span = (int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 5, (1,), generator=gen)),
+                                int(torch.randint(1, 5, (1,), generator=gen)))
+        target = (torch.randn(members, batch, span, vocab + 3, generator=gen) * 3)[..., :vocab].to(dtype)
+        draft = (target[trial % members].float() + 0.3 * torch.randn(batch, span, vocab, generator=gen)).to(dtype)
+        tokens = torch.where(torch.rand(batch, span, generator=gen) < 0.8, draft.float().argmax(-1),
+                             torch.randint(-1, vocab + 1, (batch, span), generator=gen))
+        if trial % 7 == 0:
+            target[0, 0, -1, 0] = NAN
+        weights = torch.rand(members, generator=gen) + 0.1
+        params = VERIFY_SETTINGS[trial % len(VERIFY_SETTINGS)]
+        seed, offset = torch.randint(0, 1000, (batch,), generator=gen), torch.randint(0, 50, (batch,), generator=gen)
+        drafts = torch.randint(0, span + 1, (batch,), generator=gen)
+        want = R.verify_draft_reference(target, draft, tokens, weights, num_drafts=drafts, seed=seed, offset=offset,
+                                        **params)
+        got = torch.ops.me.verify_draft(target, draft, tokens, weights, drafts, 0,
+                                        *op_args(seed=seed, offset=offset, **params))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (trial, params, got, want)

@@ -3,7 +3,7 @@ for every transform, the tokens are CE's greedy tokens at temperature 0, a reque
 depend on the batch, on k or on the drafter schedule, and caches are rolled back exactly."""
 from __future__ import annotations
 
-import itertools
+import os
 
 import numpy as np
 import pytest
@@ -21,6 +21,17 @@ from tiny_models import next_token_probs, tiny_member
 ENGINES = ["hf", "stacked"]
 VOCAB = 6
 WEIGHTS = [0.5, 0.3, 0.2]
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@pytest.fixture(autouse=True)
+def compiled_cpu_kernels(monkeypatch, request):
+    """Thousands of rows are far too many for the Triton interpreter: these tests run the CPU
+    ops (the compiled kernels, what CPU users run; verify_draft's CPU kernel draws the reference's
+    tokens, tested in test_verify_draft.py). test_drafting_on_the_triton_kernels runs the drafting
+    runtime on the interpreted kernels."""
+    if request.node.get_closest_marker("triton_kernels") is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +129,21 @@ def test_tokens_do_not_depend_on_batch_rounds_or_k(members, engine):
         for k, adaptive in ((1, False), (4, False), (2, True)):
             alone = ens.generate_ids([prompt], seed=[7 + i], draft_tokens=k, draft_adaptive=adaptive, **opts)[0]
             assert alone.token_ids == batch[i].token_ids, (i, k, adaptive)
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels on CPU: needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9)])
+def test_drafting_on_the_triton_kernels(members, params, monkeypatch):
+    """The kernels (verify_draft's Triton kernel included) draw the CPU ops' numbers: the same
+    tokens, drafts and acceptances on the interpreted kernels as on the CPU path."""
+    ens = _ensemble(members, "stacked")
+    opts = dict(method="ce", max_new_tokens=5, seed=[3, 4], draft_tokens=2, draft_adaptive=False, **params)
+    on_kernels = ens.generate_ids([[1, 3], [4, 0, 2]], **opts)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    on_cpu = ens.generate_ids([[1, 3], [4, 0, 2]], **opts)
+    assert [(g.token_ids, g.drafted, g.accepted) for g in on_kernels] == [
+        (g.token_ids, g.drafted, g.accepted) for g in on_cpu]
 
 
 def test_both_engines_give_the_same_tokens(members):
