@@ -236,7 +236,8 @@ def test_bad_device_parameters_fail_their_rows(kernel_device):
         return RowParam(torch.tensor(values, dtype=dtype, device=d), 0)
 
     rows = RowParams(temperature=rp([1.0, -1.0, 1.0, 1.0, 1.0], torch.float32), top_k=rp([0, 0, -3, 0, 0], torch.int32),
-                     top_p=rp([1.0, 1.0, 1.0, 0.0, 1.0], torch.float32), min_p=rp([0.0, 0.0, 0.0, 0.0, 2.0], torch.float32),
+                     top_p=rp([1.0, 1.0, 1.0, 0.0, 1.0], torch.float32),
+                     min_p=rp([0.0, 0.0, 0.0, 0.0, 2.0], torch.float32),
                      seed=RowParam(torch.arange(5, device=d), 0), offset=RowParam(None, 0))
     n, tok = _launch_verify(*_on(d, target, draft, tokens), w, RowParam(torch.tensor([2, 2, 2, 2, 2], device=d), 2),
                             rows)
@@ -315,8 +316,8 @@ STAT_CONFIGS = [dict(), dict(temperature=0.7, top_p=0.8), dict(top_k=3, min_p=0.
 
 
 def _exact_pq(params):
-    l = STAT_ROW_P.double()
-    mix = torch.log(0.7 * torch.softmax(l[0], -1) + 0.3 * torch.softmax(l[1], -1))
+    members = STAT_ROW_P.double()
+    mix = torch.log(0.7 * torch.softmax(members[0], -1) + 0.3 * torch.softmax(members[1], -1))
     return exact_probs(mix.tolist(), **params), exact_probs(STAT_ROW_Q.tolist(), **params)
 
 
@@ -331,7 +332,11 @@ def _one_step(n, params, monkeypatch, seed0=0):
     return x, acc, tok
 
 
-@pytest.mark.parametrize("params", STAT_CONFIGS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "plain")
+def _config_id(params):
+    return ",".join(f"{k}={v}" for k, v in params.items()) or "plain"
+
+
+@pytest.mark.parametrize("params", STAT_CONFIGS, ids=_config_id)
 def test_emitted_token_follows_the_mixture(params, monkeypatch):
     """(a) Draft from q, verify: the emitted token (the draft if accepted, else the residual)
     follows p exactly, for p != q under every transform."""
@@ -346,7 +351,7 @@ def test_emitted_token_follows_the_mixture(params, monkeypatch):
     chi2_check(tok[acc == 0], r / r.sum(), f"residual {params}")
 
 
-@pytest.mark.parametrize("params", STAT_CONFIGS[:3], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "plain")
+@pytest.mark.parametrize("params", STAT_CONFIGS[:3], ids=_config_id)
 def test_acceptance_rate_matches_enumeration(params, monkeypatch):
     """(c) P(accept) = sum_x q(x) min(1, p(x) / q(x)) = sum_x min(p(x), q(x)), exactly
     enumerated (float64), against the empirical rate within a binomial bound; and per drafted
@@ -411,7 +416,8 @@ ERRORS = [
     (lambda: K.verify_draft(*_args()[:3], torch.ones(3)), ValueError, "3 member weights but there are 2"),
     (lambda: K.verify_draft(*_args()[:3], torch.tensor([1.0, -1.0])), ValueError, "non-negative"),
     (lambda: K.verify_draft(*_args()[:3], torch.ones(4, 2)), ValueError, "has 4 rows but the batch has B=3"),
-    (lambda: K.verify_draft(*_args(), num_drafts=3), ValueError, r"num_drafts = 3 is outside the allowed range \[0, 2\]"),
+    (lambda: K.verify_draft(*_args(), num_drafts=3), ValueError,
+     r"num_drafts = 3 is outside the allowed range \[0, 2\]"),
     (lambda: K.verify_draft(*_args(), num_drafts=torch.tensor([0, -1, 2])), ValueError, r"num_drafts\[1\] = -1"),
     (lambda: K.verify_draft(*_args(), num_drafts=torch.ones(3)), TypeError, "num_drafts must be an integer tensor"),
     (lambda: K.verify_draft(*_args(), num_drafts=1.0), TypeError, "num_drafts must be None, an int"),
