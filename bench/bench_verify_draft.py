@@ -23,7 +23,8 @@ import torch
 import me_kernels as K
 from me_kernels import reference as R
 
-from _benchlib import DTYPES, MIXTURE_MEMBERS, SAMPLE_CONFIGS, copy_bandwidth, cuda, measure, rotating_logits  # noqa: F401
+from _benchlib import (DTYPES, MIXTURE_MEMBERS, SAMPLE_CONFIGS, copy_bandwidth, cuda, measure,  # noqa: F401
+                       rotating_logits)
 
 VOCAB = 32000
 CASES = [(cfg, b, j, dt) for cfg in SAMPLE_CONFIGS for dt in DTYPES for b in (1, 8) for j in (3, 5)]

@@ -250,12 +250,13 @@ def mixture_logprobs_reference(logits: torch.Tensor, weights: torch.Tensor) -> t
     num_members, batch, vocab = logits.shape
     l = logits.to(torch.float32)
     w, bad = _weight_rows(weights, batch)  # [B, M]
+    has_nan = torch.isnan(l).any(dim=2)  # [M, B], before the +inf remap below erases the NaN
     pinf = l == float("inf")
     has_pinf = pinf.any(dim=2)  # [M, B]
     neg = torch.full_like(l, float("-inf"))
     l = torch.where(has_pinf[..., None], torch.where(pinf, torch.zeros_like(l), neg), l)
     positive = (w > 0).t()  # [M, B]
-    member_bad = (torch.isnan(l).any(dim=2) | ~(l > float("-inf")).any(dim=2)) & positive
+    member_bad = (has_nan | ~(l > float("-inf")).any(dim=2)) & positive
     bad = bad | member_bad.any(dim=0)
     lse = torch.logsumexp(l, dim=2)  # [M, B]
     log_w = torch.log(w / w.sum(dim=1, keepdim=True)).t()  # [M, B]

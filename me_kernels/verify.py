@@ -13,7 +13,7 @@ Semantics: the "Speculative verification" section of me_kernels.reference
 
 Design
 ------
-Four launches, no host synchronisation, no [B, J, V] probability tensor:
+Four steps (four to six launches), no host synchronisation, no [B, J, V] probability tensor:
 1. `mixture_logprobs` (me_kernels.mixture) of the B * J positions: x_p fp32 [B * J, V].
 2. Only when top-k or top-p may be on: the `sample` kernel's debug entry on the x_p rows and on
    the draft rows gives each row's truncation thresholds tau_k, tau_p (the kept set is
@@ -47,10 +47,10 @@ from ._philox import STREAM_ACCEPT, STREAM_RESIDUAL
 from ._random import gumbel_tile, uniform_at
 from ._row_passes import NEG_INF, POS_INF, load_row_params, row_param, tile_offsets
 from ._rows import block_config
-from .mixture import _launch_logprobs
-from .sampling import _launch_sample
 from ._validate import (SAMPLING_ROW_NAMES, RowParam, RowParams, check_draft_inputs, check_weights, count_param,
                         sampling_row_params)
+from .mixture import _launch_logprobs
+from .sampling import _launch_sample
 
 __all__ = ["verify_draft"]
 
@@ -405,7 +405,7 @@ def verify_draft(target_logits: torch.Tensor, draft_logits: torch.Tensor, draft_
         a position whose mixture is undefined (see `mixture_logprobs`), or has a bad device
         parameter, gives (0, -1).
 
-    No host synchronisation (the call can be captured in a CUDA graph with device parameters).
+    No host synchronisation (the call can be captured in a CUDA graph with device weights and parameters).
 
     Example::
 

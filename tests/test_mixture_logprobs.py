@@ -66,6 +66,20 @@ def test_mixture_logprobs_special_members(kernel_device):
     assert torch.isnan(out[:4]).all() and torch.isfinite(out[5, :10]).all()
 
 
+def test_mixture_logprobs_nan_beside_plus_inf(kernel_device):
+    """A member row holding both NaN and +inf makes the row NaN (the NaN rule is not erased by
+    the +inf remap), in the kernel and in the reference alike; +inf alone is still uniform."""
+    l = torch.randn(2, 2, 16, generator=_gen(9))
+    l[1, 0, 0] = NAN
+    l[1, 0, 1] = INF
+    l[0, 1, 3] = INF
+    w = torch.tensor([0.5, 0.5])
+    got = K.mixture_logprobs(l.to(kernel_device), w.to(kernel_device)).cpu()
+    want = R.mixture_logprobs_reference(l, w)
+    assert torch.isnan(got[0]).all() and torch.isnan(want[0]).all()
+    assert torch.isfinite(want[1]).all() and torch.allclose(got[1], want[1], atol=1e-5)
+
+
 def test_mixture_logprobs_is_batch_invariant_bitwise(kernel_device):
     # The per-member log-sum-exp is merged from per-chunk partials: the chunking must depend on
     # the vocabulary only, or a row's values change with the batch size (and the GPU's SM count).

@@ -129,32 +129,38 @@ def test_kernel_ties_at_the_top_k_boundary(kernel_device):
 
 
 def test_kernel_special_rows(kernel_device):
-    """NaN / -inf / +inf rows in the targets and the drafter, an out-of-range id, no drafts."""
+    """NaN / -inf / +inf rows in the targets and the drafter, an out-of-range id, a row failing
+    at a position it reaches, no drafts."""
     gen = _gen(12)
     m, b, j, v = 2, 6, 3, 48
     target, draft = _inputs(m, b, j, v, gen)
+    weights = torch.tensor([0.5, 0.5])
     seeds = torch.arange(b) + 100
-    tokens = _draw_drafts(draft, seeds, 0)
+    # row 5 drafts from the mixture itself at positions 0 and 1 (q = p: both accepted), then
+    # reaches an undefined mixture at position 2, which fails the row -> (0, -1)
+    draft[5, :2] = R.mixture_logprobs_reference(target[:, 5, :2], weights)
+    tokens = _draw_drafts(draft, seeds, 0, top_p=0.95)
+    target[0, 5, 2, :] = NAN
     target[0, 0, 0, 5] = NAN          # row 0: the mixture at position 0 is undefined -> (0, -1)
     target[1, 1, 0, :] = NEG          # row 1: a member with no finite logit at position 0 -> (0, -1)
     draft[2, 0, :] = NAN              # row 2: invalid drafter row: q = 0, rejected, residual ~ p
     tokens[3, 0] = -1                 # row 3: out-of-range id: rejected at 0, residual ~ p
     target[1, 4, 0, [7, 8]] = INF     # row 4: member 1 is uniform over {7, 8}; the drafter is sure
-    draft[4, 0, 7] = INF              #        of 7 (q one-hot), accepted with prob. p(7)
+    draft[4, 0, 7] = INF              #        of 7 (q one-hot), accepted with prob. p(7) ~ 0.25
     tokens[4, 0] = 7
-    target[0, 5, 2, :] = NAN          # row 5: undefined at the last position, which fails the
-    weights = torch.tensor([0.5, 0.5])  # row only if the first two drafts are accepted
     num_drafts = torch.tensor([3, 3, 3, 3, 3, 3])
     got = K.verify_draft(*_on(kernel_device, target, draft, tokens, weights), num_drafts=num_drafts.to(kernel_device),
                          seed=seeds.to(kernel_device), top_p=0.95)
     want = _assert_verify_matches(got, target, draft, tokens, weights, num_drafts=num_drafts, seed=seeds, top_p=0.95)
     n, tok = want[0].tolist(), want[1].tolist()
-    assert (n[0], tok[0]) == (0, -1) and (n[1], tok[1]) == (0, -1)
+    assert (n[0], tok[0]) == (0, -1) and (n[1], tok[1]) == (0, -1) and (n[5], tok[5]) == (0, -1)
     assert n[2] == 0 and 0 <= tok[2] < v and n[3] == 0 and 0 <= tok[3] < v
-    # row 4: q is one-hot at 7, so a rejected 7 leaves a residual without 7
-    assert (n[4] >= 1 and tok[4] == -1 or n[4] == 1) if n[4] >= 1 else (0 <= tok[4] < v and tok[4] != 7)
-    # row 5: reaching the undefined last position fails the row
-    assert (n[5], tok[5]) == (0, -1) if n[5] >= 2 else 0 <= tok[5] < v
+    # row 4 (these seeds reject the 7): q is one-hot at 7, so the residual max(0, p - q) has no 7
+    assert n[4] == 0 and 0 <= tok[4] < v and tok[4] != 7
+    # row 5 without its last position: both drafts accepted, nothing to correct
+    two = K.verify_draft(*_on(kernel_device, target[:, 5:, :2], draft[5:, :2], tokens[5:, :2], weights),
+                         seed=int(seeds[5]), top_p=0.95)
+    assert (int(two[0]), int(two[1])) == (2, -1)
     # no drafts: nothing to verify, nothing emitted
     none = K.verify_draft(*_on(kernel_device, target, draft, tokens, weights), num_drafts=0, seed=1)
     assert none[0].tolist() == [0] * b and none[1].tolist() == [-1] * b
@@ -236,7 +242,8 @@ def test_bad_device_parameters_fail_their_rows(kernel_device):
         return RowParam(torch.tensor(values, dtype=dtype, device=d), 0)
 
     rows = RowParams(temperature=rp([1.0, -1.0, 1.0, 1.0, 1.0], torch.float32), top_k=rp([0, 0, -3, 0, 0], torch.int32),
-                     top_p=rp([1.0, 1.0, 1.0, 0.0, 1.0], torch.float32), min_p=rp([0.0, 0.0, 0.0, 0.0, 2.0], torch.float32),
+                     top_p=rp([1.0, 1.0, 1.0, 0.0, 1.0], torch.float32),
+                     min_p=rp([0.0, 0.0, 0.0, 0.0, 2.0], torch.float32),
                      seed=RowParam(torch.arange(5, device=d), 0), offset=RowParam(None, 0))
     n, tok = _launch_verify(*_on(d, target, draft, tokens), w, RowParam(torch.tensor([2, 2, 2, 2, 2], device=d), 2),
                             rows)
@@ -315,8 +322,8 @@ STAT_CONFIGS = [dict(), dict(temperature=0.7, top_p=0.8), dict(top_k=3, min_p=0.
 
 
 def _exact_pq(params):
-    l = STAT_ROW_P.double()
-    mix = torch.log(0.7 * torch.softmax(l[0], -1) + 0.3 * torch.softmax(l[1], -1))
+    members = STAT_ROW_P.double()
+    mix = torch.log(0.7 * torch.softmax(members[0], -1) + 0.3 * torch.softmax(members[1], -1))
     return exact_probs(mix.tolist(), **params), exact_probs(STAT_ROW_Q.tolist(), **params)
 
 
@@ -331,7 +338,11 @@ def _one_step(n, params, monkeypatch, seed0=0):
     return x, acc, tok
 
 
-@pytest.mark.parametrize("params", STAT_CONFIGS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "plain")
+def _config_id(params):
+    return ",".join(f"{k}={v}" for k, v in params.items()) or "plain"
+
+
+@pytest.mark.parametrize("params", STAT_CONFIGS, ids=_config_id)
 def test_emitted_token_follows_the_mixture(params, monkeypatch):
     """(a) Draft from q, verify: the emitted token (the draft if accepted, else the residual)
     follows p exactly, for p != q under every transform."""
@@ -346,7 +357,7 @@ def test_emitted_token_follows_the_mixture(params, monkeypatch):
     chi2_check(tok[acc == 0], r / r.sum(), f"residual {params}")
 
 
-@pytest.mark.parametrize("params", STAT_CONFIGS[:3], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "plain")
+@pytest.mark.parametrize("params", STAT_CONFIGS[:3], ids=_config_id)
 def test_acceptance_rate_matches_enumeration(params, monkeypatch):
     """(c) P(accept) = sum_x q(x) min(1, p(x) / q(x)) = sum_x min(p(x), q(x)), exactly
     enumerated (float64), against the empirical rate within a binomial bound; and per drafted
@@ -411,7 +422,8 @@ ERRORS = [
     (lambda: K.verify_draft(*_args()[:3], torch.ones(3)), ValueError, "3 member weights but there are 2"),
     (lambda: K.verify_draft(*_args()[:3], torch.tensor([1.0, -1.0])), ValueError, "non-negative"),
     (lambda: K.verify_draft(*_args()[:3], torch.ones(4, 2)), ValueError, "has 4 rows but the batch has B=3"),
-    (lambda: K.verify_draft(*_args(), num_drafts=3), ValueError, r"num_drafts = 3 is outside the allowed range \[0, 2\]"),
+    (lambda: K.verify_draft(*_args(), num_drafts=3), ValueError,
+     r"num_drafts = 3 is outside the allowed range \[0, 2\]"),
     (lambda: K.verify_draft(*_args(), num_drafts=torch.tensor([0, -1, 2])), ValueError, r"num_drafts\[1\] = -1"),
     (lambda: K.verify_draft(*_args(), num_drafts=torch.ones(3)), TypeError, "num_drafts must be an integer tensor"),
     (lambda: K.verify_draft(*_args(), num_drafts=1.0), TypeError, "num_drafts must be None, an int"),
