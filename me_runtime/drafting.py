@@ -164,6 +164,10 @@ class DraftingDecoder(Decoder):
         batch.generated[:, s] = tokens
         # The draft step's one host transfer: the engines pick what runs from the drafters.
         host = torch.stack([tokens, next_members.to(torch.long)]).tolist()
+        if min(host[0]) < 0:  # the sampling kernels' signal for logits with no finite value or a NaN
+            row = host[0].index(min(host[0]))
+            raise RuntimeError(f"request {batch.request_ids[row]}: the drafter's (member {members_host[row]}) logits at "
+                               f"step {s} had no finite value or a NaN; nothing can be drafted from them")
         self.next_members, self.next_members_host = next_members, host[1]
         self._check_members(s)
         self._draft_tokens_host.append(host[0])

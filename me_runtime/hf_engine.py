@@ -107,9 +107,11 @@ class MemberRunner:
         drop = self.consumed - t
         try:
             self.cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
-        except RuntimeError as err:  # e.g. a sliding-window layer past its window
-            raise RuntimeError(f"this member's cache cannot be rolled back by {drop} tokens ({err}); "
-                               "use draft_tokens=0") from err
+        except RuntimeError:
+            # A sliding-window layer past its window keeps no past states to return to: forget
+            # the cache; the next catch-up reads the whole prefix again (exact, one prefill).
+            self.cache, self.consumed, self.cache_len = None, 0, 0
+            return
         self.cache_len -= drop
         self.consumed = t
 

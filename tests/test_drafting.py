@@ -275,3 +275,80 @@ def test_zero_and_one_new_tokens(members):
     one = ens.generate_ids([[1]], method="ce", max_new_tokens=1, seed=2, draft_tokens=3, temperature=0.0)[0]
     ce = ens.generate_ids([[1]], method="ce", max_new_tokens=1, seed=2, temperature=0.0)[0]
     assert one.token_ids == ce.token_ids and one.drafted == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Other architectures (hf engine: sliding-window and hybrid caches), errors mid-generation
+# ---------------------------------------------------------------------------------------------
+
+OTHER_ARCHITECTURES = {
+    "mistral-sliding-window": ("mistral", dict(sliding_window=4)),  # rollbacks past the window
+    "gemma2-hybrid-sliding": ("gemma2", dict(head_dim=8, sliding_window=4)),
+    "gpt2-learned-positions": ("gpt2", None),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_ARCHITECTURES))
+def test_other_architectures_greedy_is_ce_and_rows_finish(name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = OTHER_ARCHITECTURES[name]
+    vocab = 12
+    if extra is None:
+        kwargs = dict(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=None, eos_token_id=2)
+    else:
+        kwargs = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=2,
+                      pad_token_id=None, **extra)
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(3.0)
+        models.append(model.eval())
+    ens = Ensemble(models, engine="hf")
+    prompts = [[1, 3, 5, 7, 9, 11, 4], [3], [4, 4, 0], [6, 7]]
+    ce = ens.generate_ids(prompts, method="ce", temperature=0.0, max_new_tokens=14)
+    got = ens.generate_ids(prompts, method="ce", temperature=0.0, max_new_tokens=14, draft_tokens=3,
+                           draft_adaptive=False)
+    assert [(g.token_ids, g.finish_reason) for g in got] == [(g.token_ids, g.finish_reason) for g in ce]
+    opts = dict(method="ce", temperature=0.9, max_new_tokens=14, draft_tokens=2, draft_adaptive=False)
+    batch = ens.generate_ids(prompts, seed=[5, 6, 7, 8], **opts)
+    for i, prompt in enumerate(prompts):
+        assert ens.generate_ids([prompt], seed=5 + i, **opts)[0].token_ids == batch[i].token_ids
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_interrupted_drafting_leaves_the_ensemble_usable(members, engine, monkeypatch):
+    import me_kernels
+
+    ens = _ensemble(members, engine)
+    opts = dict(method="ce", top_p=0.9, max_new_tokens=8, seed=[1, 2], draft_tokens=3, draft_adaptive=False)
+    expected = ens.generate_ids([[1, 2], [3]], **opts)
+    original, calls = me_kernels.verify_draft, {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(me_kernels, "verify_draft", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        ens.generate_ids([[1, 2], [3]], **opts)
+    monkeypatch.setattr(me_kernels, "verify_draft", original)
+    assert [g.token_ids for g in ens.generate_ids([[1, 2], [3]], **opts)] == [g.token_ids for g in expected]
+
+
+def test_a_drafter_with_nan_logits_is_named(members):
+    import copy
+
+    broken = copy.deepcopy(members[1])
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    ens = Ensemble([members[0], broken], engine="hf")
+    with pytest.raises(RuntimeError, match="drafter's \\(member 1\\) logits|no finite value or a NaN"):
+        ens.generate_ids([[1, 2]], method="ce", max_new_tokens=6, seed=0, draft_tokens=2, draft_member=1,
+                         draft_adaptive=False)
+    assert ens.generate_ids([[1, 2]], method="single", member=0, max_new_tokens=3, seed=0)[0].token_ids
