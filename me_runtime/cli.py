@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draft-tokens", type=int, default=0,
                    help="--method ce: draft up to this many tokens per round with ME and verify them (exact CE)")
+    p.add_argument("--truncate", choices=("left",), default=None,
+                   help="a prompt too long for the members' context keeps its last tokens (default: refuse it)")
     p.add_argument("--draft-member", type=int, default=None,
                    help="with --draft-tokens: the member that drafts (default: drawn from the weights)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -84,6 +86,7 @@ def _timed_generate(ens, prompt: str, args, method: str):
         stop=args.stop,
         selection=args.selection,
         member=args.member,
+        truncate=args.truncate,
     )
     if args.draft_tokens or args.draft_member is not None:
         kwargs.update(draft_tokens=args.draft_tokens, draft_member=args.draft_member)

@@ -62,8 +62,9 @@ class DraftController:
     draft step's time, and the verification's time as a line in the positions J it verifies,
     c(J) = a + b * J, fitted to the average time of each J measured so far (b = 0, the
     memory-bound GPU regime, until two different J are measured; on a CPU the verification is
-    compute-bound and b > 0). Before any measurement: a draft costs one member forward, a
-    verification M."""
+    compute-bound and b > 0). The first measured rounds explore: the longest round, then a
+    one-position round, so both ends of the line are measured before the choice rests on it.
+    Before any measurement: a draft costs one member forward, a verification M."""
 
     def __init__(self, max_drafts: int, num_members: int, adaptive: bool = True):
         self.max_drafts = max_drafts
@@ -84,8 +85,12 @@ class DraftController:
         return max(my + max(slope, 0.0) * (span - mx), 1e-9)
 
     def choose(self, tested: list[int], accepted: list[int]) -> int:
-        if not self.adaptive:
+        if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
+        # Exploration: the longest round first, then a single-position one, so the verification's
+        # cost line has two points before any choice rests on it.
+        if not self.verify_times or set(self.verify_times) == {self.max_drafts + 1}:
+            return self.max_drafts if not self.verify_times else 0
         rates = [(a + 1.0) / (n + 2.0) for n, a in zip(tested, accepted)]
         best, best_d = -1.0, 0
         for d in range(self.max_drafts + 1):
@@ -204,7 +209,8 @@ class DraftingDecoder(Decoder):
         # the last drafted tokens and the next drafters.
         host = torch.cat([accepted[:, None], residual[:, None], draft_tokens[:, -1:],
                           candidates.to(torch.long)], dim=1).tolist()
-        self.controller.observe(drafted - began, drafts, time.perf_counter() - drafted)
+        if g > 0:  # the first round also reads the prompts: not a measure of a round's cost
+            self.controller.observe(drafted - began, drafts, time.perf_counter() - drafted)
 
         emitted = min(min(row[0] + 1, span) for row in host)
         if any(row[0] == 0 and row[1] < 0 for row in host):  # the kernel's failure signal

@@ -245,6 +245,10 @@ class Ensemble:
             draft_adaptive: True (default): draft 0..draft_tokens tokens per round, as the
                 measured acceptance and costs say pays best; False: always draft_tokens (fewer
                 only near max_new_tokens).
+            truncate: None (default): a request whose prompt + max_new_tokens exceeds max_seq_len
+                (the members' context) is refused with a ValueError naming the member and the
+                numbers. "left": such a prompt keeps only its last max_seq_len - max_new_tokens
+                tokens (what a sliding context would show the members), like lm-eval's HF model.
         Returns:
             one Generation per prompt, in order.
         """
@@ -272,6 +276,7 @@ class Ensemble:
         draft_tokens: int = 0,
         draft_member: int | None = None,
         draft_adaptive: bool = True,
+        truncate: str | None = None,
     ) -> list[Generation]:
         """Like generate(), for prompts given as lists of token ids (no tokenizer needed, except
         for `stop` strings). Generation.text is None without a tokenizer."""
@@ -289,6 +294,7 @@ class Ensemble:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         check_drafting(draft_tokens, draft_member, method, self.num_members)
+        prompts = self._truncate(prompts, max_new_tokens, truncate)
         if not isinstance(draft_adaptive, bool):
             raise TypeError(f"draft_adaptive must be a bool, got {type(draft_adaptive).__name__}")
         params = check_sampling(temperature, top_k, top_p, min_p)
@@ -414,6 +420,19 @@ class Ensemble:
         return self.score_rolling_ids(ids, max_length=max_length, min_context=min_context)
 
     # ---------------------------------------------------------------- helpers
+    def _truncate(self, prompts: list[list[int]], max_new_tokens: int, truncate) -> list[list[int]]:
+        if truncate is None:
+            return prompts
+        if truncate != "left":
+            raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
+        if self.max_seq_len is None:
+            return prompts
+        keep = self.max_seq_len - max_new_tokens
+        if keep < 1:
+            raise ValueError(f"generate: max_new_tokens = {max_new_tokens} leaves no room for a prompt: "
+                             f"{self._limit_reason}")
+        return [p[-keep:] if len(p) > keep else p for p in prompts]
+
     def _check_fits(self, lengths: list[int], what: str) -> None:
         """Refuse, before any work, a request longer than max_seq_len (the stacked engine's cache
         capacity and the members' context)."""

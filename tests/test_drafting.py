@@ -234,9 +234,12 @@ def test_rollback_stacked_caches_equal_a_fresh_recompute(members):
 
 def test_controller_drafts_when_it_pays():
     ctl = DraftController(4, num_members=3)
+    assert ctl.choose([100], [5]) == 4  # exploration: the longest round first ...
+    ctl.observe(draft_seconds=4.0, drafts=4, verify_seconds=3.0)  # drafts cost a third of a verification
+    assert ctl.choose([100], [99]) == 0  # ... then a one-position round
+    ctl.observe(draft_seconds=0.0, drafts=0, verify_seconds=3.0)  # memory-bound: J does not matter
     assert ctl.choose([100], [99]) == 4  # near-certain acceptance: draft the most
     assert ctl.choose([100], [5]) == 0  # near-certain rejection: plain verification steps
-    ctl.observe(draft_seconds=3.0, drafts=3, verify_seconds=3.0)  # drafts cost a third of a verification
     assert ctl.choose([100], [60]) >= 1
     # a verification whose cost grows with the positions it reads (a compute-bound CPU) makes long
     # rounds expensive: fewer drafts pay

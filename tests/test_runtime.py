@@ -533,3 +533,24 @@ def test_other_architectures_batch_invariance_with_finishing_rows(name):
             assert alone.token_ids == batch[i].token_ids and alone.finish_reason == batch[i].finish_reason
     reasons = {g.finish_reason for method in ("me", "ce") for g in ens.generate_ids(prompts, method=method, max_new_tokens=12, seed=[11, 12, 13, 14])}
     assert reasons == {"eos", "length"}, f"the test needs both early and full-length requests, got {reasons}"
+
+
+# ----------------------------------------------------------------------------- context limits
+@pytest.mark.parametrize("engine", ENGINES)
+def test_context_limit_refuses_or_truncates_left(engine):
+    """prompt + max_new_tokens beyond a member's context: a ValueError naming the member and the
+    numbers, or with truncate="left" the prompt's last tokens (the same tokens as that prompt)."""
+    short = [tiny_member("llama", V, seed=31, sharpness=4.0), tiny_member("llama", V, seed=32, sharpness=4.0)]
+    short[1].config.max_position_embeddings = 24  # member 1 sets the limit
+    ens = Ensemble(short, engine=engine)
+    assert ens.max_seq_len == 24
+    long_prompt = [(i * 7) % V for i in range(30)]
+    with pytest.raises(ValueError, match=r"request 0 needs 36 positions.*member 1's context length.*is 24"):
+        ens.generate_ids([long_prompt], max_new_tokens=6, seed=0)
+    got = ens.generate_ids([long_prompt, [1, 2]], max_new_tokens=6, seed=[0, 1], truncate="left")
+    want = ens.generate_ids([long_prompt[-18:], [1, 2]], max_new_tokens=6, seed=[0, 1])
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    with pytest.raises(ValueError, match="truncate must be None or 'left'"):
+        ens.generate_ids([[1]], max_new_tokens=2, truncate="right")
+    with pytest.raises(ValueError, match="max_new_tokens = 24 leaves no room for a prompt"):
+        ens.generate_ids([[1]], max_new_tokens=24, truncate="left")
