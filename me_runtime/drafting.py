@@ -185,10 +185,8 @@ class DraftingDecoder(Decoder):
         span = drafts + 1
         dev = batch.device
         self._draft_tokens_host = []
-        draft_logits = torch.empty((batch.size, span, self.engine.vocab_size), dtype=torch.float32, device=dev)
         began = time.perf_counter()
-        for j in range(drafts):
-            draft_logits[:, j] = self.draft_step(g + j)
+        drafted_logits = [self.draft_step(g + j) for j in range(drafts)]
         drafted = time.perf_counter()
 
         target = self.engine.span_logits(batch, g + drafts, span)  # [M, B, span, V] (or [M, B, V])
@@ -196,7 +194,7 @@ class DraftingDecoder(Decoder):
             target = target[:, :, None]
         rows = torch.arange(batch.size, device=dev)
         last = target[self.next_members.long(), rows, span - 1]  # the last position's drafter's logits
-        draft_logits[:, span - 1] = last
+        draft_logits = torch.stack(drafted_logits + [last], dim=1) if drafts else last[:, None]  # [B, span, V]
         batch.generated[:, g + drafts] = me_kernels.sample(last, seed=batch.seeds, offset=g + drafts,
                                                            **self.sample_kwargs)
         draft_tokens = batch.generated[:, g : g + span]

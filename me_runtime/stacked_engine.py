@@ -296,13 +296,16 @@ class StackedEngine:
         """Every member forgets, in every active row, the generated tokens from index t on (t >= -1:
         -1 also forgets the prompt's last token). Only the read counts change: attention never
         reads a cache position at or past the query's own, and the next read overwrites them."""
+        changed = False
         for r, slot in enumerate(self.slots):
             limit = batch.prompt_lens[r] + t
             for m in range(self.num_members):
                 if self.consumed[m][slot] > limit:
                     self.consumed[m][slot] = limit
-        limits = batch.prompt_lens_dev + t
-        self.consumed_dev[:, self.slots_dev] = torch.minimum(self.consumed_dev[:, self.slots_dev], limits[None, :])
+                    changed = True
+        if changed:  # the host mirror says whether the device table needs the same change
+            limits = batch.prompt_lens_dev + t
+            self.consumed_dev[:, self.slots_dev] = torch.minimum(self.consumed_dev[:, self.slots_dev], limits[None, :])
 
     def _catch_up(self, g: int, batch: Batch, t: int, rows: torch.Tensor, members: torch.Tensor, rows_host: list[int],
                   members_host: list[int], span: int = 1) -> torch.Tensor:
