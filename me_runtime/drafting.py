@@ -62,8 +62,8 @@ class DraftController:
     draft step's time, and the verification's time as a line in the positions J it verifies,
     c(J) = a + b * J, fitted to the average time of each J measured so far (b = 0, the
     memory-bound GPU regime, until two different J are measured; on a CPU the verification is
-    compute-bound and b > 0). The first measured rounds explore: the longest round, then a
-    one-position round, so both ends of the line are measured before the choice rests on it.
+    compute-bound and b > 0). The first measured rounds explore: one draft, then none, so the
+    line has two points before the choice rests on it.
     Before any measurement: a draft costs one member forward, a verification M."""
 
     def __init__(self, max_drafts: int, num_members: int, adaptive: bool = True):
@@ -87,10 +87,13 @@ class DraftController:
     def choose(self, tested: list[int], accepted: list[int]) -> int:
         if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
-        # Exploration: the longest round first, then a single-position one, so the verification's
-        # cost line has two points before any choice rests on it.
-        if not self.verify_times or set(self.verify_times) == {self.max_drafts + 1}:
-            return self.max_drafts if not self.verify_times else 0
+        # Exploration, cheap whatever the acceptance: a round of one draft (which also measures a
+        # draft step), then a round of none, so the verification's cost line has two points
+        # (J = 2 and J = 1) before any choice rests on it.
+        if 2 not in self.verify_times:
+            return 1
+        if 1 not in self.verify_times:
+            return 0
         rates = [(a + 1.0) / (n + 2.0) for n, a in zip(tested, accepted)]
         best, best_d = -1.0, 0
         for d in range(self.max_drafts + 1):

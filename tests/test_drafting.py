@@ -234,8 +234,8 @@ def test_rollback_stacked_caches_equal_a_fresh_recompute(members):
 
 def test_controller_drafts_when_it_pays():
     ctl = DraftController(4, num_members=3)
-    assert ctl.choose([100], [5]) == 4  # exploration: the longest round first ...
-    ctl.observe(draft_seconds=4.0, drafts=4, verify_seconds=3.0)  # drafts cost a third of a verification
+    assert ctl.choose([100], [5]) == 1  # exploration: one draft first ...
+    ctl.observe(draft_seconds=1.0, drafts=1, verify_seconds=3.0)  # drafts cost a third of a verification
     assert ctl.choose([100], [99]) == 0  # ... then a one-position round
     ctl.observe(draft_seconds=0.0, drafts=0, verify_seconds=3.0)  # memory-bound: J does not matter
     assert ctl.choose([100], [99]) == 4  # near-certain acceptance: draft the most
@@ -244,7 +244,7 @@ def test_controller_drafts_when_it_pays():
     # a verification whose cost grows with the positions it reads (a compute-bound CPU) makes long
     # rounds expensive: fewer drafts pay
     cpu = DraftController(4, num_members=3)
-    cpu.observe(draft_seconds=4.0, drafts=4, verify_seconds=5.0 * 3)  # J = 5 costs 5x ...
+    cpu.observe(draft_seconds=1.0, drafts=1, verify_seconds=2.0 * 3)  # J = 2 costs 2x ...
     cpu.observe(draft_seconds=0.0, drafts=0, verify_seconds=3.0)  # ... a J = 1 verification
     assert cpu.verify_cost(3) == pytest.approx(9.0)
     assert cpu.choose([100], [90]) < ctl.choose([100], [90])
