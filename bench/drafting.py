@@ -125,8 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,8")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--base", default="small-llama", help="bench/configs/NAME.json of the fine-tunes' base")
-    p.add_argument("--sharpness", type=float, default=40.0)
-    p.add_argument("--perturb", type=float, default=0.02)
+    p.add_argument("--sharpness", type=float, default=20.0)
+    p.add_argument("--perturb", type=float, default=0.05)
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -137,11 +137,19 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=None,
                    help="skip (not kill) the remaining cases once this much time is spent; JSON after every case")
     p.add_argument("--out", default=None)
+    p.add_argument("--tables", metavar="JSON", default=None, help="only print the tables of an earlier run's JSON")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.tables:
+        with open(args.tables) as f:
+            data = json.load(f)
+        print(format_table(data["results"]))
+        print()
+        print(cost_model_table(data["results"], data["args"]["draft_tokens"]))
+        return 0
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results: list[dict] = []
@@ -172,6 +180,8 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
     print(format_table(results))
+    print()
+    print(cost_model_table(results, args.draft_tokens))
     return 0
 
 
@@ -190,6 +200,32 @@ def format_table(results: list[dict]) -> str:
         acc = " / ".join(f"{by[r].get('acceptance', float('nan')):.2f}" for r in ("ce-draft", "ce-draft-k"))
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {ce:.1f} | {cell('me')} | {cell('ce-draft')} | "
                      f"{cell('ce-draft-k')} | {cell('ce-draft-m0')} | {acc} |")
+    return "\n".join(lines)
+
+
+def cost_model_table(results: list[dict], k: int) -> str:
+    """The cost model next to the measured fixed-k figure, batch 1: a round of k drafts costs k
+    draft steps (c_d: measured as ME's ms per token, one member per step) plus a verification;
+    it emits E = sum_{i<=k} a^i tokens (a: the measured acceptance of the fixed-k row). If the
+    verification of k + 1 positions cost one CE step (c_ce: memory-bound decode, where reading
+    the weights dominates), the speedup over CE would be E * c_ce / (k * c_d + c_ce). The measured
+    figure falls short of it by what the verification really costs here (on a CPU a forward over
+    k + 1 tokens costs several CE steps: compute-bound) and by the verification kernel itself."""
+    lines = ["| members | setting | acceptance a | E (tokens / round) | c_d ms | c_ce ms | model: memory-bound "
+             "verification | measured (fixed k) | implied verification ms (vs c_ce) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted({(r["members"], r["setting"]) for r in results if r["batch"] == 1}):
+        by = {r["row"]: r for r in results if (r["members"], r["setting"]) == key and r["batch"] == 1}
+        if not all(row in by for row in ("ce", "me", "ce-draft-k")):
+            continue
+        a = by["ce-draft-k"].get("acceptance", 0.0)
+        expected = sum(a**i for i in range(k + 1))
+        c_d, c_ce = by["me"]["ms_per_token"], by["ce"]["ms_per_token"]
+        model = expected * c_ce / (k * c_d + c_ce)
+        measured = by["ce-draft-k"]["tokens_per_s"] / by["ce"]["tokens_per_s"]
+        implied = expected * by["ce-draft-k"]["ms_per_token"] - k * c_d  # what a verification took
+        lines.append(f"| {key[0]} | {key[1]} | {a:.2f} | {expected:.2f} | {c_d:.2f} | {c_ce:.2f} | {model:.2f}x | "
+                     f"{measured:.2f}x | {implied:.1f} ({implied / c_ce:.1f}x) |")
     return "\n".join(lines)
 
 

@@ -141,9 +141,9 @@ def catch_up_sequences(group: StackedGroup, cache, forward, tokens_buf: torch.Te
                        n_chunks: int, kv_len: int, span: int = 1) -> torch.Tensor:
     """The device part of one catch-up: sequences (rows[i], members[i]) read their pending tokens,
     positions [consumed[member, slot], prompt_len + t), in n_chunks chunks of q; `consumed` is
-    updated in place. Returns the float32 logits at each sequence's last token ([N, V]), or with
-    span > 1 at its last `span` tokens ([N, span, V]; every sequence must read >= span tokens and
-    q >= span).
+    updated in place. Returns the float32 logits at each sequence's last token ([N, V]). With
+    span > 1 (every sequence reads >= span tokens): the n_chunks chunks of q cover the tokens
+    before the last `span`, which one more forward reads, returning their logits [N, span, V].
 
     tokens_buf int64 [B, C] (row b's position p at column width - prompt_lens[b] + p), prompt_lens
     int64 [B], rows / members int64 [N], member_local / slots / consumed the engine's tables. Only
@@ -154,19 +154,26 @@ def catch_up_sequences(group: StackedGroup, cache, forward, tokens_buf: torch.Te
     end = prompt_lens[rows] + t
     pad = width - prompt_lens
     local = member_local[members]
-    # Chunks aligned on each sequence's END, so every sequence's last tokens are in the last chunk
+    if span > 1:
+        # The tokens before the last `span` in chunks without logits, then the last `span` in a
+        # forward of their own: logits [N, span, V], never a long chunk's worth of them.
+        head_end = end - span
+        for c in range(n_chunks):
+            chunk_end = head_end - (n_chunks - 1 - c) * q
+            run_sequences(group, cache, tokens_buf, pad, rows, local, slot, torch.maximum(start, chunk_end - q),
+                          chunk_end, q=q, kv_len=kv_len, logits="none", forward=forward)
+        logits = run_sequences(group, cache, tokens_buf, pad, rows, local, slot, head_end, end, q=span,
+                               kv_len=kv_len, logits="all", forward=forward)
+        consumed[members, slot] = end
+        return logits
+    # Chunks aligned on each sequence's END, so every sequence's last token is in the last chunk
     # (whose logits are the step's).
     logits = None
     for c in range(n_chunks):
         chunk_end = end - (n_chunks - 1 - c) * q
         chunk_start = torch.maximum(start, chunk_end - q)
-        mode = "none" if c < n_chunks - 1 else ("last" if span == 1 else "all")
         logits = run_sequences(group, cache, tokens_buf, pad, rows, local, slot, chunk_start, chunk_end, q=q,
-                               kv_len=kv_len, logits=mode, forward=forward)
-        if mode == "all":  # the sequence's last `span` positions of the chunk: count - span .. count - 1
-            count = (chunk_end - chunk_start).clamp(min=0, max=q)
-            index = (count - span)[:, None] + torch.arange(span, device=count.device)[None, :]
-            logits = logits.gather(1, index.clamp(min=0)[:, :, None].expand(-1, -1, logits.shape[2]))
+                               kv_len=kv_len, logits="last" if c == n_chunks - 1 else "none", forward=forward)
     consumed[members, slot] = end
     return logits
 
@@ -314,11 +321,12 @@ class StackedEngine:
         slots_host = [self.slots[r] for r in rows_host]
         ends_host = [batch.prompt_lens[r] + t for r in rows_host]
         starts_host = [self.consumed[m][s] for m, s in zip(members_host, slots_host)]
-        pending = max(e - s for e, s in zip(ends_host, starts_host))
         if min(e - s for e, s in zip(ends_host, starts_host)) < span:
             raise RuntimeError(f"catch-up: a sequence has fewer than {span} pending tokens")
+        # span > 1: the chunks cover the tokens before the last `span` (maybe none)
+        pending = max(e - s for e, s in zip(ends_host, starts_host)) - (span if span > 1 else 0)
         kv_len = min(_bucket(max(ends_host), batch.device), self.capacity)
-        q = max(span, min(_bucket(pending, batch.device), max(1, CHUNK_TOKENS // len(rows_host))))
+        q = min(_bucket(max(pending, 1), batch.device), max(1, CHUNK_TOKENS // len(rows_host)))
         logits = catch_up_sequences(self.groups[g], self.caches[g], self.forwards[g], batch.tokens, batch.width,
                                     batch.prompt_lens_dev, t, rows, members, self.member_local, self.slots_dev,
                                     self.consumed_dev, q=q, n_chunks=-(-pending // q), kv_len=kv_len, span=span)

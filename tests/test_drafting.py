@@ -355,3 +355,17 @@ def test_a_drafter_with_nan_logits_is_named(members):
         ens.generate_ids([[1, 2]], method="ce", max_new_tokens=6, seed=0, draft_tokens=2, draft_member=1,
                          draft_adaptive=False)
     assert ens.generate_ids([[1, 2]], method="single", member=0, max_new_tokens=3, seed=0)[0].token_ids
+
+
+def test_chunked_verification_reads_long_prompts_in_chunks(members, monkeypatch):
+    """The first round's verification reads whole prompts: in chunks without logits, then the
+    drafted positions in a forward of their own (tiny CHUNK_TOKENS forces many chunks)."""
+    import me_runtime.stacked_engine as se
+
+    ens = _ensemble(members, "stacked")
+    prompts = [[(3 * i) % VOCAB for i in range(23)], [1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]]
+    want = ens.generate_ids(prompts, method="ce", temperature=0.0, max_new_tokens=9)
+    monkeypatch.setattr(se, "CHUNK_TOKENS", 4)
+    got = ens.generate_ids(prompts, method="ce", temperature=0.0, max_new_tokens=9, draft_tokens=3,
+                           draft_adaptive=False)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
