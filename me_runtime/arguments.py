@@ -125,3 +125,14 @@ def check_drafting(draft_tokens, draft_member, method: str, num_members: int) ->
         raise ValueError(f"draft_member must be in [0, {num_members}), got {draft_member}")
     if draft_tokens == 0:
         raise ValueError("draft_member needs draft_tokens > 0 (it names the member that drafts)")
+
+
+def check_max_batch_size(max_batch_size) -> int | None:
+    """None or an int >= 1."""
+    if max_batch_size is None:
+        return None
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
+        raise TypeError(f"max_batch_size must be None or an int, got {type(max_batch_size).__name__}")
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    return max_batch_size

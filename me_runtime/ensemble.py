@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 
-from .arguments import check_drafting, check_max_seq_len, check_sampling, check_seeds, check_texts, check_weights, vocab_size
+from .arguments import check_drafting, check_max_batch_size, check_max_seq_len, check_sampling, check_seeds, check_texts, check_weights, vocab_size
 from .decode import decode
 from .drafting import decode_drafting
 from .hf_engine import HFEngine
+from .memory import estimate as estimate_call_memory
 from .stacked_engine import StackedEngine, check_supported
 from .stopping import StopChecker, eos_token_ids, normalize_stop
 from .windows import default_max_length, default_prefix_token_id, rolling_pairs
@@ -207,6 +208,48 @@ class Ensemble:
         cache = self._engine.cache_bytes if self.engine == "stacked" else None
         return {"weights": sum(storages.values()), "kv_cache": cache}
 
+    def estimate_memory(self, batch_size: int, prompt_len: int, max_new_tokens: int, *, method: str = "me",
+                        draft_tokens: int = 0) -> dict[str, int]:
+        """Bytes a generate call would allocate beyond the weights, estimated before any work
+        (me_runtime/memory.py): {"kv_cache", "logits", "activations", "total"}, for batch_size
+        requests whose longest prompt has prompt_len tokens. generate checks it against a CUDA
+        device's free memory and refuses a call that cannot fit (pass max_batch_size)."""
+        from .stacked_engine import CHUNK_TOKENS
+
+        return estimate_call_memory(self.models, engine=self.engine, device=self.device, vocab_size=self.vocab_size,
+                                    batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                                    method=method, draft_tokens=draft_tokens, max_seq_len=self.max_seq_len,
+                                    chunk_tokens=CHUNK_TOKENS,
+                                    groups=self._engine.group_members if self.engine == "stacked" else None)
+
+    def _check_memory(self, prompts: list[list[int]], max_new_tokens: int, method: str, draft_tokens: int,
+                      max_batch_size: int | None) -> None:
+        """On a CUDA device: refuse, before any work, a call whose estimated memory exceeds the free
+        memory (with a 10% margin), naming the numbers and a max_batch_size that fits."""
+        if self.device.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(self.device)  # once per call, before the decode loop
+        free += self._engine.cache_bytes if self.engine == "stacked" else 0  # reused or freed by the call
+        self._refuse_if_too_big(prompts, max_new_tokens, method, draft_tokens, max_batch_size, free)
+
+    def _refuse_if_too_big(self, prompts, max_new_tokens: int, method: str, draft_tokens: int,
+                           max_batch_size: int | None, free: int) -> None:
+        batch = min(len(prompts), max_batch_size or len(prompts))
+        prompt_len = max(len(p) for p in prompts)
+
+        def need(b: int) -> int:
+            return self.estimate_memory(b, prompt_len, max_new_tokens, method=method, draft_tokens=draft_tokens)["total"]
+
+        if need(batch) * 1.1 <= free:
+            return
+        fits = 0
+        while fits < batch and need(fits + 1) * 1.1 <= free:
+            fits += 1
+        hint = f"max_batch_size={fits} fits" if fits else "not even one request fits: shorten max_new_tokens"
+        raise ValueError(f"generate: {batch} requests of up to {prompt_len} + {max_new_tokens} tokens need about "
+                         f"{need(batch) / 2**30:.2f} GiB beyond the weights but {free / 2**30:.2f} GiB are free on "
+                         f"{self.device}; {hint}")
+
     @property
     def weights(self) -> list[float]:
         """The normalised mixture weights."""
@@ -249,6 +292,12 @@ class Ensemble:
                 (the members' context) is refused with a ValueError naming the member and the
                 numbers. "left": such a prompt keeps only its last max_seq_len - max_new_tokens
                 tokens (what a sliding context would show the members), like lm-eval's HF model.
+            max_batch_size: None (one batch), or the most requests decoded at once: larger inputs
+                run in consecutive batches of that size (the same tokens: a request's tokens do
+                not depend on its batch; except with selection="shared", whose one draw per step
+                follows each batch's first request). On a CUDA device a call whose estimated memory
+                (estimate_memory) exceeds the free memory is refused before any work, with a
+                max_batch_size that fits.
         Returns:
             one Generation per prompt, in order.
         """
@@ -277,6 +326,7 @@ class Ensemble:
         draft_member: int | None = None,
         draft_adaptive: bool = True,
         truncate: str | None = None,
+        max_batch_size: int | None = None,
     ) -> list[Generation]:
         """Like generate(), for prompts given as lists of token ids (no tokenizer needed, except
         for `stop` strings). Generation.text is None without a tokenizer."""
@@ -294,6 +344,7 @@ class Ensemble:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         check_drafting(draft_tokens, draft_member, method, self.num_members)
+        max_batch_size = check_max_batch_size(max_batch_size)
         prompts = self._truncate(prompts, max_new_tokens, truncate)
         if not isinstance(draft_adaptive, bool):
             raise TypeError(f"draft_adaptive must be a bool, got {type(draft_adaptive).__name__}")
@@ -302,16 +353,22 @@ class Ensemble:
         self._check_fits([len(p) + max_new_tokens for p in prompts], "generate")
         stop_checker = StopChecker(self.tokenizer, normalize_stop(stop))
 
+        self._check_memory(prompts, max_new_tokens, method, draft_tokens, max_batch_size)
+
         common = dict(params=params, max_new_tokens=max_new_tokens, eos_ids=self.eos_token_ids,
                       stop_checker=stop_checker, progress=progress)
+        step = max_batch_size or len(prompts)
+        results = []
         with torch.inference_mode():
-            if draft_tokens > 0:
-                results = decode_drafting(self._engine, self._weights_tensor(), prompts, seeds,
-                                          draft_tokens=draft_tokens, draft_member=draft_member, adaptive=draft_adaptive,
-                                          **common)
-            else:
-                results = decode(self._engine, self._weights_tensor(), prompts, seeds, method=method,
-                                 selection=selection, member=member, **common)
+            for lo in range(0, len(prompts), step):
+                chunk, chunk_seeds = prompts[lo : lo + step], seeds[lo : lo + step]
+                if draft_tokens > 0:
+                    results += decode_drafting(self._engine, self._weights_tensor(), chunk, chunk_seeds,
+                                               draft_tokens=draft_tokens, draft_member=draft_member,
+                                               adaptive=draft_adaptive, **common)
+                else:
+                    results += decode(self._engine, self._weights_tensor(), chunk, chunk_seeds, method=method,
+                                      selection=selection, member=member, **common)
         generations = []
         for res in results:
             text = None

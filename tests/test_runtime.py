@@ -554,3 +554,35 @@ def test_context_limit_refuses_or_truncates_left(engine):
         ens.generate_ids([[1]], max_new_tokens=2, truncate="right")
     with pytest.raises(ValueError, match="max_new_tokens = 24 leaves no room for a prompt"):
         ens.generate_ids([[1]], max_new_tokens=24, truncate="left")
+
+
+# ----------------------------------------------------------------------------- memory, batches
+@pytest.mark.parametrize("engine", ENGINES)
+def test_max_batch_size_runs_consecutive_batches_with_the_same_tokens(members, engine):
+    ens = Ensemble(members, weights=WEIGHTS, engine=engine)
+    for opts in (dict(method="me"), dict(method="ce", top_p=0.8), dict(method="ce", draft_tokens=2)):
+        whole = ens.generate_ids(RAGGED, max_new_tokens=5, seed=[5, 6, 7, 8], **opts)
+        chunked = ens.generate_ids(RAGGED, max_new_tokens=5, seed=[5, 6, 7, 8], max_batch_size=3, **opts)
+        assert [(g.token_ids, g.finish_reason) for g in chunked] == [(g.token_ids, g.finish_reason) for g in whole]
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        ens.generate_ids(RAGGED, max_new_tokens=2, max_batch_size=0)
+    with pytest.raises(TypeError, match="max_batch_size must be None or an int"):
+        ens.generate_ids(RAGGED, max_new_tokens=2, max_batch_size=2.0)
+
+
+def test_memory_estimate_is_the_stacked_cache_and_refuses_what_cannot_fit(members):
+    ens = Ensemble(members, weights=WEIGHTS, engine="stacked")  # two groups: Llama and Qwen2 members
+    prompts = [[1, 2, 3], [4, 0]]
+    ens.generate_ids(prompts, max_new_tokens=6, seed=0)
+    est = ens.estimate_memory(2, 3, 6)
+    assert est["kv_cache"] == ens.memory_bytes()["kv_cache"]  # exact on the CPU (no buckets)
+    assert est["total"] == est["kv_cache"] + est["logits"] + est["activations"]
+    assert ens.estimate_memory(4, 3, 6)["total"] > est["total"]
+    assert ens.estimate_memory(2, 3, 6, method="ce", draft_tokens=3)["logits"] > est["logits"]
+    # the refusal a CUDA device would give, with a made-up amount of free memory
+    free = int(ens.estimate_memory(1, 3, 6)["total"] * 1.5)
+    with pytest.raises(ValueError, match=r"2 requests of up to 3 \+ 6 tokens need about .* max_batch_size=1 fits"):
+        ens._refuse_if_too_big(prompts, 6, "me", 0, None, free)
+    ens._refuse_if_too_big(prompts, 6, "me", 0, 1, free)  # one at a time fits
+    with pytest.raises(ValueError, match="not even one request fits"):
+        ens._refuse_if_too_big(prompts, 6, "me", 0, None, 10)
