@@ -31,10 +31,12 @@ What each request type computes:
     so results do not depend on batching or sorting.
 
 Requests are sorted longest first (a batch's first request is its longest, so a batch too big
-fails at once rather than at the end) and answered in their original order. batch_size="auto"
-takes, per batch, as many requests as keep rows x longest sequence (context + continuation, or
-context + max_gen_toks) within AUTO_BATCH_TOKENS positions, at most max_batch_size requests;
-the engines further split a batch's scoring forwards to bound the memory of the logits.
+fails at once rather than at the end) and answered in their original order. batch_size is the
+number of forward rows per batch: requests, or for loglikelihood_rolling the texts' windows.
+batch_size="auto" takes, per batch, as many rows as keep rows x longest sequence (context +
+continuation, context + max_gen_toks, or a window) within AUTO_BATCH_TOKENS positions, at most
+max_batch_size rows; the engines further split a batch's scoring forwards to bound the memory
+of the logits.
 
 Contexts longer than the members' context are cut from the left like lm-eval's Hugging Face
 model does: a loglikelihood request keeps its last `max_length` tokens (the whole continuation
@@ -63,6 +65,7 @@ from tqdm import tqdm
 
 from .arguments import check_drafting, check_sampling
 from .ensemble import ENGINES, SELECTIONS, Ensemble
+from .windows import rolling_windows
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +116,28 @@ def _parse_weights(value) -> list[float]:
     return weights
 
 
-def _sorted_batches(lengths: Sequence[int], batch_size, max_batch_size: int) -> list[list[int]]:
-    """Indices sorted longest first (stable), cut into batches of batch_size, or for "auto" of as
-    many as keep rows x the batch's first (longest) length within AUTO_BATCH_TOKENS."""
+def _sorted_batches(lengths: Sequence[int], batch_size, max_batch_size: int,
+                    rows: Sequence[int] | None = None) -> list[list[int]]:
+    """Indices sorted longest first (stable), cut into batches of at most batch_size forward rows
+    (item i brings rows[i] of them, 1 by default; a batch holds at least one item), or for
+    "auto" of as many rows as keep rows x the batch's first (longest) length within
+    AUTO_BATCH_TOKENS, at most max_batch_size."""
+    rows = [1] * len(lengths) if rows is None else rows
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, start = [], 0
-    while start < len(order):
-        if batch_size == "auto":
-            size = max(1, min(max_batch_size, AUTO_BATCH_TOKENS // max(1, lengths[order[start]])))
-        else:
-            size = batch_size
-        batches.append(order[start : start + size])
-        start += size
+    batches, batch, used, budget = [], [], 0, 0
+    for i in order:
+        if batch and used + rows[i] > budget:
+            batches.append(batch)
+            batch, used = [], 0
+        if not batch:
+            if batch_size == "auto":
+                budget = max(1, min(max_batch_size, AUTO_BATCH_TOKENS // max(1, lengths[i])))
+            else:
+                budget = batch_size
+        batch.append(i)
+        used += rows[i]
+    if batch:
+        batches.append(batch)
     return batches
 
 
@@ -326,11 +339,11 @@ class EnsembleLM(TemplateLM):
 
     # ---------------------------------------------------------------- batching
     def _run_batches(self, lengths: Sequence[int], run: Callable[[list[int]], list], *, desc: str,
-                     disable_tqdm: bool) -> list:
+                     disable_tqdm: bool, rows: Sequence[int] | None = None) -> list:
         """run(indices) over longest-first batches; the results in the original order."""
         results: list = [None] * len(lengths)
         with tqdm(total=len(lengths), desc=desc, disable=disable_tqdm or self.rank != 0) as bar:
-            for batch in _sorted_batches(lengths, self.batch_size, self.max_batch_size):
+            for batch in _sorted_batches(lengths, self.batch_size, self.max_batch_size, rows):
                 for i, value in zip(batch, run(batch)):
                     results[i] = value
                 bar.update(len(batch))
@@ -379,10 +392,12 @@ class EnsembleLM(TemplateLM):
                 values.update(zip(scored, totals))
             return [values[i] for i in batch]
 
-        # a rolling request spans many windows: batch by windows of max_length, not by text length
+        # a text is scored in windows (one forward row each): batch_size counts windows, as in
+        # lm-eval's HF model, and texts are sorted by their longest window
+        windows = [len(rolling_windows(len(x), self.max_length)) if x else 0 for x in ids]
         lengths = [min(len(x) + 1, self.max_length) for x in ids]
         results = self._run_batches(lengths, run, desc="Running loglikelihood_rolling requests",
-                                    disable_tqdm=disable_tqdm)
+                                    disable_tqdm=disable_tqdm, rows=windows)
         for text, total in zip(texts, results):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
         return results

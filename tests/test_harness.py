@@ -174,12 +174,26 @@ def test_requests_are_sorted_longest_first_and_batched(ensemble, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- rolling
-def test_loglikelihood_rolling_equals_score_rolling(ensemble, lm):
+def test_loglikelihood_rolling_equals_score_rolling(ensemble, lm, monkeypatch):
     texts = [r["text"] for r in _rows("me_demo_ppl")]
     assert max(len(ensemble.tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]) for t in texts) > 512
     got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)],
                                    disable_tqdm=True)
     assert got == pytest.approx(ensemble.score_rolling(texts), rel=1e-5)
+    # batch_size counts windows (forward rows): the two 2-window texts, then the four others
+    calls = []
+    real = Ensemble.score_rolling_ids
+
+    def spy(self, seqs, **kw):
+        calls.append(seqs)
+        return real(self, seqs, **kw)
+
+    monkeypatch.setattr(Ensemble, "score_rolling_ids", spy)
+    again = EnsembleLM(ensemble, batch_size=4).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)],
+                                      disable_tqdm=True)
+    assert [len(c) for c in calls] == [2, 4] and min(len(x) for x in calls[0]) > 512
+    assert again == pytest.approx(got, rel=1e-5)
+    monkeypatch.undo()
     short = EnsembleLM(ensemble, max_length=64, max_gen_toks=8)
     got = short.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (texts[0],), 0)], disable_tqdm=True)
     assert got == pytest.approx(ensemble.score_rolling(texts[:1], max_length=64), rel=1e-5)
