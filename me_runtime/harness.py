@@ -150,12 +150,13 @@ class EnsembleLM(TemplateLM):
         method: "me" or "ce": how sampled generate_until requests are decoded. Loglikelihoods are
             the exact mixture's and greedy generation is the mixture's argmax for both.
         selection: "independent" | "shared" (see Ensemble.generate), for method "me".
-        batch_size: requests per batch (int >= 1) or "auto" (see the module docstring).
+        batch_size: forward rows per batch (requests; the texts' windows for
+            loglikelihood_rolling), an int >= 1, or "auto" (see the module docstring).
         max_batch_size: the cap of batch_size="auto" (default AUTO_MAX_BATCH).
         max_length: most tokens a request may span (context + continuation, or context +
             max_gen_toks); default the Ensemble's max_seq_len (the members' context), else 2048.
         max_gen_toks: generate_until's default number of new tokens (a request's own
-            max_gen_toks wins).
+            max_gen_toks wins); default min(256, max_length // 2).
         seed: request i of a generate_until call samples with seed + i.
         draft_tokens, draft_member: CE by drafting (method "ce"; see Ensemble.generate), also
             used for greedy requests with method "ce".
@@ -171,7 +172,7 @@ class EnsembleLM(TemplateLM):
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         max_length: int | None = None,
-        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        max_gen_toks: int | None = None,
         seed: int = 0,
         draft_tokens: int = 0,
         draft_member: int | None = None,
@@ -205,6 +206,8 @@ class EnsembleLM(TemplateLM):
         _check_positive_int("max_length", max_length, minimum=2)
         if ensemble.max_seq_len is not None and max_length > ensemble.max_seq_len:
             raise ValueError(f"max_length = {max_length} exceeds the Ensemble's max_seq_len = {ensemble.max_seq_len}")
+        if max_gen_toks is None:
+            max_gen_toks = min(DEFAULT_MAX_GEN_TOKS, max_length // 2)
         _check_positive_int("max_gen_toks", max_gen_toks, minimum=0)
         if max_gen_toks >= max_length:
             raise ValueError(f"max_gen_toks = {max_gen_toks} leaves no room for a context within max_length = {max_length}")

@@ -133,6 +133,7 @@ def test_is_greedy_on_both_engines_equals_the_brute_force_argmax(ensemble):
 
 def test_encode_pair_and_truncation(ensemble):
     tok = ensemble.tokenizer
+    assert EnsembleLM(ensemble).max_gen_toks == 256 and EnsembleLM(ensemble, max_length=40).max_gen_toks == 20
     lm = EnsembleLM(ensemble, max_length=40, max_gen_toks=8)
     assert lm._encode_pair("Alice said  ", "hi") == _encode_pair(tok, "Alice said  ", "hi")
     long_context = _rows("me_demo_mc")[12]["context"]
