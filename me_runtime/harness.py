@@ -112,7 +112,9 @@ def _parse_weights(value) -> list[float]:
         try:
             weights.append(float(part))
         except (TypeError, ValueError):
-            raise ValueError(f"weights must be numbers separated by '|' (e.g. weights=0.5|0.5), got {value!r}") from None
+            raise ValueError(
+                f"weights must be numbers separated by '|' (e.g. weights=0.5|0.5), got {value!r}"
+            ) from None
     return weights
 
 
@@ -200,7 +202,9 @@ class EnsembleLM(TemplateLM):
             raise ValueError(f"batch_size must be an int >= 1 or 'auto', got {batch_size!r}")
         if batch_size != "auto":
             _check_positive_int("batch_size", batch_size)
-        max_batch_size = AUTO_MAX_BATCH if max_batch_size is None else _check_positive_int("max_batch_size", max_batch_size)
+        if max_batch_size is None:
+            max_batch_size = AUTO_MAX_BATCH
+        _check_positive_int("max_batch_size", max_batch_size)
         if max_length is None:
             max_length = ensemble.max_seq_len or DEFAULT_MAX_LENGTH
         _check_positive_int("max_length", max_length, minimum=2)
@@ -210,7 +214,9 @@ class EnsembleLM(TemplateLM):
             max_gen_toks = min(DEFAULT_MAX_GEN_TOKS, max_length // 2)
         _check_positive_int("max_gen_toks", max_gen_toks, minimum=0)
         if max_gen_toks >= max_length:
-            raise ValueError(f"max_gen_toks = {max_gen_toks} leaves no room for a context within max_length = {max_length}")
+            raise ValueError(
+                f"max_gen_toks = {max_gen_toks} leaves no room for a context within max_length = {max_length}"
+            )
         _check_positive_int("seed", seed, minimum=0)
         self.ensemble = ensemble
         self.tokenizer = ensemble.tokenizer
@@ -246,7 +252,8 @@ class EnsembleLM(TemplateLM):
                 # lm-eval's CLI passes --device's default (CUDA) when none was given: on a machine
                 # without CUDA run on the CPU, as lm-eval's HF model does (model_args' device is
                 # taken as given).
-                logger.warning("me-ensemble: device %r requested by lm-eval but CUDA is not available; using the CPU", value)
+                logger.warning("me-ensemble: device %r requested by lm-eval but CUDA is not available; "
+                               "using the CPU", value)
                 continue
             args[key] = value
         unknown = sorted(set(args) - set(LOAD_ARGS) - set(LM_ARGS))

@@ -119,7 +119,8 @@ def test_is_greedy_on_both_engines_equals_the_brute_force_argmax(ensemble):
     args = [(r["context"], c) for r in rows for c in r["choices"]]
     for gen in ensemble.generate([r["context"] for r in rows], method="ce", temperature=0.0, max_new_tokens=4):
         args.append((rows[len(args) % len(rows)]["context"], gen.text))
-    results = {e.engine: EnsembleLM(e, batch_size=5).loglikelihood(_ll(args), disable_tqdm=True) for e in (ensemble, hf)}
+    results = {e.engine: EnsembleLM(e, batch_size=5).loglikelihood(_ll(args), disable_tqdm=True)
+               for e in (ensemble, hf)}
     assert [lp for lp, _ in results["stacked"]] == pytest.approx([lp for lp, _ in results["hf"]], rel=1e-5, abs=1e-4)
     tok = ensemble.tokenizer
     expected = []
@@ -190,8 +191,8 @@ def test_loglikelihood_rolling_equals_score_rolling(ensemble, lm, monkeypatch):
         return real(self, seqs, **kw)
 
     monkeypatch.setattr(Ensemble, "score_rolling_ids", spy)
-    again = EnsembleLM(ensemble, batch_size=4).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)],
-                                      disable_tqdm=True)
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    again = EnsembleLM(ensemble, batch_size=4).loglikelihood_rolling(requests, disable_tqdm=True)
     assert [len(c) for c in calls] == [2, 4] and min(len(x) for x in calls[0]) > 512
     assert again == pytest.approx(got, rel=1e-5)
     monkeypatch.setattr(Ensemble, "score_rolling_ids", real)
@@ -259,7 +260,8 @@ def test_chat_template(ensemble):
         lm.apply_chat_template(chat)
     assert lm.chat_template(False) is None
     assert lm.tokenizer_name == ensemble.tokenizer.name_or_path.replace("/", "__")
-    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
     tok = ensemble.tokenizer
     saved = tok.chat_template
     try:
@@ -319,7 +321,8 @@ def test_create_from_arg_string():
     assert lm.batch_size == 4 and lm.seed == 3 and lm.draft["draft_tokens"] == 2
     assert next(lm.ensemble.models[0].parameters()).dtype == torch.float32
     # model_args win over lm-eval's own --batch_size
-    assert EnsembleLM.create_from_arg_string(f"members={MEMBERS},batch_size=auto", {"batch_size": 1}).batch_size == "auto"
+    lm = EnsembleLM.create_from_arg_string(f"members={MEMBERS},batch_size=auto", {"batch_size": 1})
+    assert lm.batch_size == "auto"
 
 
 # ----------------------------------------------------------------------------- whole evaluations
