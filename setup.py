@@ -147,7 +147,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy"],
         "bench": ["pytest-benchmark", "matplotlib"],
+        # me_runtime.harness / me-eval: evaluate ensembles with lm-evaluation-harness
+        "eval": ["lm-eval>=0.4.8"],
     },
-    entry_points={"console_scripts": ["me-generate=me_runtime.cli:main"]},
+    entry_points={"console_scripts": ["me-generate=me_runtime.cli:main", "me-eval=me_runtime.harness:main"]},
     zip_safe=False,
 )

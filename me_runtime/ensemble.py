@@ -399,19 +399,30 @@ class Ensemble:
         return self.score_ids(prompt_ids, cont_ids)
 
     def score_ids(
-        self, prompt_ids: Sequence[Sequence[int]], continuation_ids: Sequence[Sequence[int]]
-    ) -> list[float]:
-        """score() for token ids: prompts non-empty, continuations possibly empty."""
+        self, prompt_ids: Sequence[Sequence[int]], continuation_ids: Sequence[Sequence[int]], *,
+        with_greedy: bool = False,
+    ) -> list[float] | list[tuple[float, bool]]:
+        """score() for token ids: prompts non-empty, continuations possibly empty.
+
+        with_greedy: return (log-likelihood, is_greedy) pairs instead of floats, where is_greedy
+            says that every continuation token is the mixture's argmax given the true prefix
+            (the lowest token id on ties, as temperature-0 CE sampling picks), i.e. that greedy
+            CE decoding from the prompt would produce the continuation. An empty continuation
+            is greedy. This is what lm-evaluation-harness' loglikelihood returns.
+        """
+        if not isinstance(with_greedy, bool):
+            raise TypeError(f"with_greedy must be a bool, got {type(with_greedy).__name__}")
         prompts = self._check_ids(prompt_ids, "prompt_ids", allow_empty=False)
         conts = self._check_ids(continuation_ids, "continuation_ids", allow_empty=True, allow_no_rows=True)
         if len(prompts) != len(conts):
             raise ValueError(f"{len(prompts)} prompts but {len(conts)} continuations")
         self._check_fits([len(p) + len(c) for p, c in zip(prompts, conts)], "score_ids")
-        scores = [0.0] * len(prompts)
+        scores: list = [(0.0, True) if with_greedy else 0.0] * len(prompts)
         order = [i for i in range(len(prompts)) if conts[i]]
         if order:
             with torch.inference_mode():
-                values = self._engine.score([prompts[i] for i in order], [conts[i] for i in order], self._weights_tensor())
+                values = self._engine.score([prompts[i] for i in order], [conts[i] for i in order],
+                                            self._weights_tensor(), with_greedy=with_greedy)
             for i, value in zip(order, values):
                 scores[i] = value
         return scores

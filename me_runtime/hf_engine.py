@@ -216,13 +216,15 @@ class HFEngine:
         self.runners = []
 
     # ---------------------------------------------------------------- scoring
-    def score(self, prompts: list[list[int]], conts: list[list[int]], weights: torch.Tensor) -> list[float]:
-        """Exact mixture log-likelihood of each (non-empty) continuation; see Ensemble.score_ids."""
-        scores = [0.0] * len(prompts)
+    def score(self, prompts: list[list[int]], conts: list[list[int]], weights: torch.Tensor,
+              *, with_greedy: bool = False) -> list[float] | list[tuple[float, bool]]:
+        """Exact mixture log-likelihood of each (non-empty) continuation; see Ensemble.score_ids.
+        with_greedy: (log-likelihood, every continuation token is the mixture's argmax) pairs."""
+        scores: list = [None] * len(prompts)
         for chunk in self._score_chunks(prompts, conts):
             values = self._score_chunk([prompts[i] for i in chunk], [conts[i] for i in chunk], weights)
             for i, value in zip(chunk, values):
-                scores[i] = value
+                scores[i] = value if with_greedy else value[0]
         return scores
 
     def _score_chunks(self, prompts, conts, max_tokens=16384, max_logit_bytes=1 << 30):
@@ -244,7 +246,7 @@ class HFEngine:
         if chunk:
             yield chunk
 
-    def _score_chunk(self, prompts, conts, weights) -> list[float]:
+    def _score_chunk(self, prompts, conts, weights) -> list[tuple[float, bool]]:
         seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
         width = max(len(s) for s in seqs)
         cmax = max(len(c) for c in conts)
@@ -269,4 +271,6 @@ class HFEngine:
         valid = torch.arange(cmax, device=self.sampling_device)[None, :] >= torch.tensor(
             [cmax - len(c) for c in conts], device=self.sampling_device
         )[:, None]
-        return token_lp.masked_fill(~valid, 0.0).sum(1).tolist()
+        # greedy: the argmax (lowest id on ties, as temperature-0 sampling) at every scored position
+        greedy = ((logmix.argmax(2) == targets) | ~valid).all(1)
+        return list(zip(token_lp.masked_fill(~valid, 0.0).sum(1).tolist(), greedy.tolist()))

@@ -335,15 +335,17 @@ class StackedEngine:
         return logits.to(self.sampling_device)
 
     # ---------------------------------------------------------------- scoring
-    def score(self, prompts: list[list[int]], conts: list[list[int]], weights: torch.Tensor) -> list[float]:
+    def score(self, prompts: list[list[int]], conts: list[list[int]], weights: torch.Tensor,
+              *, with_greedy: bool = False) -> list[float] | list[tuple[float, bool]]:
         """Exact mixture log-likelihood of each (non-empty) continuation through the stacked
         forward: per chunk of rows, every member reads the prompt (no logits), then the scored
-        positions in chunks, so at most [M, rows * q, V] logits exist at once."""
-        scores = [0.0] * len(prompts)
+        positions in chunks, so at most [M, rows * q, V] logits exist at once.
+        with_greedy: (log-likelihood, every continuation token is the mixture's argmax) pairs."""
+        scores: list = [None] * len(prompts)
         for idx in self._score_chunks([len(p) + len(c) for p, c in zip(prompts, conts)]):
             values = self._score_rows([prompts[i] for i in idx], [conts[i] for i in idx], weights)
             for i, v in zip(idx, values):
-                scores[i] = v
+                scores[i] = v if with_greedy else v[0]
         return scores
 
     def _score_chunks(self, lengths: list[int]):
@@ -359,7 +361,7 @@ class StackedEngine:
         if chunk:
             yield chunk
 
-    def _score_rows(self, prompts, conts, weights) -> list[float]:
+    def _score_rows(self, prompts, conts, weights) -> list[tuple[float, bool]]:
         dev = self.sampling_device
         seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
         lengths = [len(s) for s in seqs]
@@ -393,6 +395,7 @@ class StackedEngine:
             member_logps.append((ids, rows, local, slot))
         # scored positions in chunks of qc, all groups at each chunk, mixed over members
         out = torch.zeros(rows_n, dtype=torch.float64, device=dev)
+        greedy = torch.ones(rows_n, dtype=torch.bool, device=dev)
         # positions per chunk: at most CHUNK_TOKENS tokens and SCORE_LOGIT_BYTES of logits at once
         per_position = rows_n * self.num_members
         qc = max(1, min(cmax, CHUNK_TOKENS // per_position, SCORE_LOGIT_BYTES // (per_position * self.vocab_size * 4)))
@@ -410,6 +413,9 @@ class StackedEngine:
             pos = s[:, None] + torch.arange(qc, device=dev)[None, :]  # position that predicts pos + 1
             valid = pos < (total - 1)[:, None]
             targets = buf.gather(1, (pos + 1).clamp(max=width - 1))
-            lp = logmix.reshape(rows_n, qc, -1).gather(2, targets[:, :, None]).squeeze(2).double()
+            logmix = logmix.reshape(rows_n, qc, -1)
+            lp = logmix.gather(2, targets[:, :, None]).squeeze(2).double()
             out += lp.masked_fill(~valid, 0.0).sum(1)
-        return out.tolist()
+            # greedy: the argmax (lowest id on ties, as temperature-0 sampling) at every scored position
+            greedy &= ((logmix.argmax(2) == targets) | ~valid).all(1)
+        return list(zip(out.tolist(), greedy.tolist()))

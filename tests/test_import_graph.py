@@ -136,3 +136,40 @@ def test_runtime_import_graph_is_acyclic():
     assert {"me_runtime.ensemble", "me_runtime.decode", "me_runtime.stacked_engine", "me_runtime.demo.scores"} <= set(graph)
     assert "me_runtime.decode" in graph["me_runtime.hf_engine"]
     assert_acyclic(graph)
+
+
+def test_only_the_harness_imports_lm_eval():
+    """lm-eval is an optional extra: no module but me_runtime.harness imports it (function-local
+    imports included), and nothing in the package imports the harness."""
+    importers, harness_importers = set(), set()
+    for path in sorted(list(RUNTIME_ROOT.rglob("*.py")) + list(ROOT.rglob("*.py"))):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
+            if any(n.split(".")[0] == "lm_eval" for n in names):
+                importers.add(str(path.relative_to(ROOT.parent)))
+            if any(n.endswith("harness") for n in names) and path.name != "harness.py":
+                harness_importers.add(str(path.relative_to(ROOT.parent)))
+    assert importers == {"me_runtime/harness.py"}
+    assert harness_importers == set()
+
+
+def test_harness_without_lm_eval_says_how_to_install_it():
+    import subprocess
+    import sys
+
+    # lm_eval hidden (a None entry in sys.modules makes its import fail), in a fresh interpreter
+    code = (
+        "import sys; sys.modules['lm_eval'] = None\n"
+        "import me_runtime\n"
+        "try:\n"
+        "    import me_runtime.harness\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT-ERROR:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(ROOT.parent))
+    assert 'IMPORT-ERROR:' in out.stdout and 'pip install ".[eval]"' in out.stdout, out.stdout + out.stderr

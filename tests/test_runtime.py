@@ -401,6 +401,37 @@ def test_score_is_the_exact_mixture_log_likelihood(members, engine):
     assert ens.score_ids([[1]], [[]]) == [0.0]
 
 
+def _mixture_argmax(models, weights, prefix) -> int:
+    mix = sum(w * next_token_probs(m, prefix) for w, m in zip(weights, models))
+    return int(torch.argmax(mix))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_score_with_greedy_is_the_brute_force_argmax(members, engine):
+    ens = Ensemble(members, weights=WEIGHTS, engine=engine)
+    prompts = [[1, 2, 3], [4], [0, 0, 1, 2, 3, 4, 4], [2, 2]]
+    greedy_conts = []
+    for prompt in prompts:  # the mixture's own greedy continuations, 1 to 4 tokens
+        cont = []
+        for _ in range(1 + len(greedy_conts)):
+            cont.append(_mixture_argmax(members, WEIGHTS, prompt + cont))
+        greedy_conts.append(cont)
+    # the same continuations with their last token replaced by another one: not greedy
+    broken = [c[:-1] + [(c[-1] + 1) % V] for c in greedy_conts]
+    random_conts = [[4, 4], [1, 2, 3, 0], [2], [0, 1, 0]]
+    all_prompts = prompts * 3
+    all_conts = greedy_conts + broken + random_conts
+    got = ens.score_ids(all_prompts, all_conts, with_greedy=True)
+    assert [lp for lp, _ in got] == pytest.approx(ens.score_ids(all_prompts, all_conts), rel=1e-6, abs=1e-6)
+    for prompt, cont, (_, is_greedy) in zip(all_prompts, all_conts, got):
+        expected = all(_mixture_argmax(members, WEIGHTS, prompt + cont[:j]) == tok for j, tok in enumerate(cont))
+        assert is_greedy is expected, (prompt, cont)
+    assert [g for _, g in got[:4]] == [True] * 4 and [g for _, g in got[4:8]] == [False] * 4
+    assert ens.score_ids([[1]], [[]], with_greedy=True) == [(0.0, True)]
+    with pytest.raises(TypeError, match="with_greedy"):
+        ens.score_ids([[1]], [[2]], with_greedy=1)
+
+
 def test_score_text(text_ensemble):
     tok = text_ensemble.tokenizer
     got = text_ensemble.score(["the cat"], [" sat"])
