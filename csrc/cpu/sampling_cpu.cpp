@@ -131,15 +131,15 @@ float top_p_threshold(const float* x, int64_t vocab, float m, float inv_t, float
   for (int64_t i = 0; i < vocab; ++i) {
     const float v = x[i];
     if (v > -kInf && v >= tau_k) {
-      const float e = std::exp((v - m) * inv_t);
+      float e = std::exp((v - m) * inv_t);
+      // T = inf with x - m overflowing: (-inf) * 0 is NaN; such a token weighs 0 (the reference's
+      // rule), it must not turn the whole mass into NaN (which switched top-p off).
+      if (std::isnan(e)) e = 0.0f;
       cand.push_back({v, e});
       z_k += e;
     }
   }
   const float theta = top_p * static_cast<float>(z_k);
-  // NaN weights (possible only at T = inf with x - m overflowing) make the reference's mass NaN:
-  // nothing reaches it.
-  if (std::isnan(theta)) return -kInf;
   // Invariant: float(acc) < theta, acc = mass of every candidate above the range [lo, hi).
   double acc = 0.0;
   auto lo = cand.begin(), hi = cand.end();
