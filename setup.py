@@ -145,7 +145,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis>=6.100"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["me-generate=me_runtime.cli:main"]},
