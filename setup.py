@@ -145,7 +145,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis>=6.100"],
         "bench": ["pytest-benchmark", "matplotlib"],
         # me_runtime.harness / me-eval: evaluate ensembles with lm-evaluation-harness
         "eval": ["lm-eval>=0.4.8"],

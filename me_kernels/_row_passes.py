@@ -175,7 +175,10 @@ def pivot_pass(src_ptr, stride_m, stride_v, V, mix_c, mix_pinf, M, submax_ptr, t
                           MIX_PAD)
         if tl.load(tilemax_ptr + t) >= lo_skip:
             x = tl.reshape(values(raw, mix_c, mix_pinf, SOURCE), (NSUB, Q, 4))
-            e = tl.where(x > NEG_INF, tl.exp((x - m) * inv_t), 0.0)
+            e = tl.exp((x - m) * inv_t)
+            # T = inf with x - m overflowing: (-inf) * 0 is NaN; such a token weighs 0 (the
+            # reference's rule) instead of turning every mass into NaN.
+            e = tl.where((x > NEG_INF) & (e == e), e, 0.0)
             acc_z += tl.sum(e, 2)
             ge = x[None, :, :, :] >= pv
             acc_c += tl.sum(ge.to(tl.int32), 3)

@@ -84,7 +84,8 @@ def resolve(cand_v_ptr, cand_i_ptr, n, lo, c_top, w_top, k_eff, tau_k, z_k, c_k,
     valid = ar < n
     v = tl.load(cand_v_ptr + ar, mask=valid, other=NEG_INF)
     idx = tl.load(cand_i_ptr + ar, mask=valid, other=0)
-    e = tl.where(valid, tl.exp((v - m) * inv_t), 0.0)
+    e = tl.exp((v - m) * inv_t)
+    e = tl.where(valid & (e == e), e, 0.0)  # NaN (T = inf, x - m overflowing) weighs 0, as in pivot_pass
     kv = f2k(v)
     if k_eff > 0:
         tau_k = _candidate_threshold(kv, e, valid, c_top.to(tl.float32), k_eff.to(tl.float32), False, P)

@@ -68,7 +68,8 @@ def grouped_linear_reference(
 #     whole tie class. Implemented by remapping x to 0 on the +inf entries and -inf elsewhere.
 #   * m = max finite x; the temperature-scaled weights are e_i = exp((x_i - m) / T) (computed as
 #     (x_i - m) * (1 / T) in fp32). T = 0 (or 1 / T overflowing) is greedy: the lowest index of
-#     the maximum. T = inf weighs every finite token equally.
+#     the maximum. T = inf weighs every finite token equally, except that a token whose x_i - m
+#     overflows the fp32 range (a row spanning more than it) weighs 0 at every temperature.
 #   * Truncation in Hugging Face's order, each a threshold on x (the kept set is always
 #     {x >= threshold}, so it is index-independent and keeps ties):
 #       top-k (k > 0):  tau_k = k-th largest x (every token tying it is kept; k >= #finite: all);
@@ -127,6 +128,20 @@ def _prepare_rows(x: torch.Tensor):
     return x, nan_row | no_finite, has_pinf
 
 
+def _no_nan(t: torch.Tensor, value: float) -> torch.Tensor:
+    """NaN -> value, every other entry unchanged (torch.nan_to_num would also turn inf into the
+    largest finite float: temperature = inf must stay inf)."""
+    return torch.where(torch.isnan(t), torch.full_like(t, value), t)
+
+
+def _scaled(x: torch.Tensor, m: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
+    """(x - m) * inv_t in fp32 for rows x [B, V], m and inv_t [B]. At T = inf (inv_t = 0) on a row
+    whose finite values span more than the fp32 range, x - m overflows to -inf and -inf * 0 is NaN:
+    such a token weighs 0 (-inf), as when x - m overflows at any other temperature."""
+    s = (x - m[:, None]) * inv_t[:, None]
+    return torch.where(torch.isnan(s) & (x > float("-inf")), torch.full_like(s, float("-inf")), s)
+
+
 def sampling_thresholds_reference(x: torch.Tensor, temperature, top_k, top_p, min_p, *, sort: bool = True):
     """Sort-based truncation thresholds for fp32 logits x [B, V] without NaN or +inf (remap
     first). Parameters are tensors [B]. Returns a dict with m (row max), inv_t (1 / T), tau_k,
@@ -144,7 +159,7 @@ def sampling_thresholds_reference(x: torch.Tensor, temperature, top_k, top_p, mi
     inv_t = torch.where(greedy, torch.ones_like(inv_t), inv_t)
 
     def weight(v: torch.Tensor) -> torch.Tensor:
-        e = torch.exp((v - m_safe[:, None]) * inv_t[:, None])
+        e = torch.exp(_scaled(v, m_safe, inv_t))
         return torch.where(v > neg, e, torch.zeros_like(e))
 
     if not sort:
@@ -177,8 +192,8 @@ def kept_mask_reference(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p
     False for a row that yields -1)."""
     x, invalid, _ = _prepare_rows(logits.to(torch.float32))
     temp, k, p, mp, bad = _sampling_rows(x.shape[0], x.device, temperature, top_k, top_p, min_p)
-    kept = sampling_thresholds_reference(x, temp.clamp(min=0).nan_to_num(0.0), k.clamp(min=0),
-                                         p.nan_to_num(1.0), mp.nan_to_num(0.0))["kept"]
+    kept = sampling_thresholds_reference(x, _no_nan(temp.clamp(min=0), 0.0), k.clamp(min=0),
+                                         _no_nan(p, 1.0), _no_nan(mp, 0.0))["kept"]
     return kept & ~(invalid | bad)[:, None]
 
 
@@ -189,10 +204,10 @@ def _draw_from_scores(x, invalid, temperature, top_k, top_p, min_p, seed, offset
     # Host-known parameters that switch top-k and top-p off need no sort (the CPU path's plain
     # sampling); tensor parameters are not inspected (that could synchronise a device).
     no_sort = not isinstance(top_k, torch.Tensor) and top_k == 0 and not isinstance(top_p, torch.Tensor) and top_p >= 1
-    th = sampling_thresholds_reference(x, temp.clamp(min=0).nan_to_num(0.0), k.clamp(min=0),
-                                       p.nan_to_num(1.0), mp.nan_to_num(0.0), sort=not no_sort)
+    th = sampling_thresholds_reference(x, _no_nan(temp.clamp(min=0), 0.0), k.clamp(min=0),
+                                       _no_nan(p, 1.0), _no_nan(mp, 0.0), sort=not no_sort)
     g = gumbel_torch(_row_seeds(seed, batch, x.device), _row_seeds(offset, batch, x.device), stream, vocab, uniforms)
-    score = (x - th["m"][:, None]) * th["inv_t"][:, None] + g
+    score = _scaled(x, th["m"], th["inv_t"]) + g
     score = torch.where(th["kept"], score, torch.full_like(score, float("-inf")))
     token = score.argmax(dim=1)
     token = torch.where(th["greedy"], x.argmax(dim=1), token)
@@ -332,9 +347,9 @@ def transformed_probs_reference(x: torch.Tensor, temperature, top_k, top_p, min_
     finite value, parameters out of range) are all zero."""
     x, invalid, _ = _prepare_rows(x.to(torch.float32))
     temp, k, p, mp, bad = _sampling_rows(x.shape[0], x.device, temperature, top_k, top_p, min_p)
-    th = sampling_thresholds_reference(x, temp.clamp(min=0).nan_to_num(0.0), k.clamp(min=0), p.nan_to_num(1.0),
-                                       mp.nan_to_num(0.0))
-    e = torch.exp((x - th["m"][:, None]) * th["inv_t"][:, None])
+    th = sampling_thresholds_reference(x, _no_nan(temp.clamp(min=0), 0.0), k.clamp(min=0), _no_nan(p, 1.0),
+                                       _no_nan(mp, 0.0))
+    e = torch.exp(_scaled(x, th["m"], th["inv_t"]))
     e = torch.where(th["kept"], e, torch.zeros_like(e))
     probs = e / e.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     one_hot = torch.zeros_like(probs).scatter_(1, x.argmax(dim=1, keepdim=True), 1.0)

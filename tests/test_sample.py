@@ -448,6 +448,65 @@ def test_cuda_large_batch_matches_reference(dtype):
         assert_tokens_match(got, want, x, seed=seeds, offset=11, **params)
 
 
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _sample_paths(kernel_device, monkeypatch):
+    """(name, sample function) for the Triton kernel on `kernel_device` and the CPU path (the
+    compiled C++ kernel when the extension is built)."""
+    def triton_path(x, **kw):
+        kw = {k: (v.to(kernel_device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        return K.sample(x.to(kernel_device), **kw).cpu()
+
+    def cpu_path(x, **kw):
+        with monkeypatch.context() as mp:
+            mp.delenv("TRITON_INTERPRET", raising=False)
+            return K.sample(x, **kw)
+
+    return [("kernel", triton_path), ("cpu", cpu_path)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # +-3.4e38 rows in the interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_infinite_temperature_is_uniform_even_beside_huge_logits(kernel_device, monkeypatch):
+    """Regression (found by tests/test_fuzz_kernels.py): the reference replaced T = inf by the
+    largest finite float (torch.nan_to_num also maps inf), so on a row holding fp32's largest
+    logit the other token weighed exp(-1) instead of 1 and the reference disagreed with both
+    kernels. At T = inf every finite token weighs 1: the draw is the argmax of the Gumbel noise."""
+    from me_kernels._philox import STREAM_TOKEN, gumbel_torch
+
+    n = 64
+    x = torch.tensor([[F32_MAX, -0.88029]]).expand(n, -1)
+    seeds = torch.arange(n)
+    noise_argmax = gumbel_torch(seeds, torch.zeros(n, dtype=torch.int64), STREAM_TOKEN, 2).argmax(1)
+    want = R.sample_reference(x, temperature=INF, seed=seeds)
+    assert torch.equal(want, noise_argmax) and set(want.tolist()) == {0, 1}
+    for name, sample in _sample_paths(kernel_device, monkeypatch):
+        assert torch.equal(sample(x, temperature=INF, seed=seeds), want), name
+    # the fuzzer's minimal input: seed 1 draws token 1
+    assert R.sample_reference(x[:1], temperature=INF, seed=1).tolist() == [1]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # +-3.4e38 rows in the interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_infinite_temperature_top_p_on_a_row_wider_than_the_fp32_range(kernel_device, monkeypatch):
+    """Regression (found by tests/test_fuzz_kernels.py): at T = inf on a row holding both +-3.4e38,
+    x - m overflows to -inf for the lowest logit and (-inf) * 0 is NaN. Both kernels summed that
+    NaN into the top-p mass, which switched top-p off (any finite token could come out). Such a
+    token weighs 0 (me_kernels.reference), and top-p applies to the others: each weighs 1."""
+    n = 32
+    x = torch.tensor([[5.559, -F32_MAX, -0.47314, 4.331, 0.79815, 0.49937, F32_MAX]]).expand(n, -1)
+    seeds = torch.arange(n)
+    for top_p, allowed in ((1e-7, {6}), (0.5, {0, 3, 6})):  # the top 1 / top 3 of 6 equal weights
+        want = R.sample_reference(x, temperature=INF, top_p=top_p, seed=seeds)
+        assert set(want.tolist()) == allowed
+        for name, sample in _sample_paths(kernel_device, monkeypatch):
+            assert torch.equal(sample(x, temperature=INF, top_p=top_p, seed=seeds), want), (name, top_p)
+    # top-p off: every token but the overflowing one can be drawn
+    want = R.sample_reference(x, temperature=INF, seed=seeds)
+    assert 1 not in want.tolist() and len(set(want.tolist())) > 3
+
+
 def test_top_p_threshold_when_even_the_smallest_candidate_misses_by_rounding(kernel_device):
     # top_p just below 1 on log-softmax rows whose two smallest values are adjacent floats: the
     # candidates' re-summed mass can fall an ulp short of the target. The threshold must then be

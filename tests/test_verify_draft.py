@@ -292,6 +292,28 @@ def test_cpu_op_matches_reference(monkeypatch):
     assert torch.equal(direct[0], want[0]) and torch.equal(direct[1], want[1])
 
 
+@pytest.mark.parametrize("target_dtype,draft_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32),
+                                                      (torch.bfloat16, torch.float16)], ids=str)
+def test_cpu_op_drafter_dtype_may_differ(target_dtype, draft_dtype, monkeypatch):
+    """Regression (found by tests/test_fuzz_kernels.py): the compiled CPU op raised TypeError
+    ("draft_logits dtype must equal target_logits dtype") for a drafter whose logits have another
+    dtype than the members', which the public contract (and the Triton kernels) allow."""
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
+    gen = _gen(23)
+    target, draft = _inputs(2, 3, 2, 40, gen)
+    target, draft = target.to(target_dtype), draft.to(draft_dtype)
+    seeds = torch.arange(3) * 5
+    tokens = _draw_drafts(draft.float(), seeds, 4, top_p=0.9)
+    w = torch.tensor([0.3, 0.7])
+    got = K.verify_draft(target, draft, tokens, w, top_p=0.9, seed=seeds, offset=4)
+    _assert_verify_matches(got, target, draft, tokens, w, top_p=0.9, seed=seeds, offset=4)
+    # the minimal failing input of the fuzzer: one member, one row, one position, V = 1
+    one = torch.ops.me.verify_draft(torch.full((1, 1, 1, 1), 4.623), torch.full((1, 1, 1), 4.625).to(torch.bfloat16),
+                                    torch.zeros(1, 1, dtype=torch.int64), torch.tensor([0.5]), None, 1,
+                                    None, 0.0, None, 0, None, 1.0, None, 0.0, None, 0, None, 0)
+    assert one[0].tolist() == [1] and one[1].tolist() == [-1]
+
+
 def test_torch_compile_traces_the_op(kernel_device):
     gen = _gen(18)
     target, draft = _inputs(2, 3, 2, 64, gen)

@@ -131,15 +131,15 @@ float top_p_threshold(const float* x, int64_t vocab, float m, float inv_t, float
   for (int64_t i = 0; i < vocab; ++i) {
     const float v = x[i];
     if (v > -kInf && v >= tau_k) {
-      const float e = std::exp((v - m) * inv_t);
+      float e = std::exp((v - m) * inv_t);
+      // T = inf with x - m overflowing: (-inf) * 0 is NaN; such a token weighs 0 (the reference's
+      // rule), it must not turn the whole mass into NaN (which switched top-p off).
+      if (std::isnan(e)) e = 0.0f;
       cand.push_back({v, e});
       z_k += e;
     }
   }
   const float theta = top_p * static_cast<float>(z_k);
-  // NaN weights (possible only at T = inf with x - m overflowing) make the reference's mass NaN:
-  // nothing reaches it.
-  if (std::isnan(theta)) return -kInf;
   // Invariant: float(acc) < theta, acc = mass of every candidate above the range [lo, hi).
   double acc = 0.0;
   auto lo = cand.begin(), hi = cand.end();
@@ -757,55 +757,59 @@ std::tuple<at::Tensor, at::Tensor> verify_draft_cpu(
   int64_t* tok_out = token.data_ptr<int64_t>();
   if (batch == 0 || span == 0) return {accepted, token};
   // the target's row (b, j) is a [M, ., V] slice: a [M, B*J, V] view of it for mixture_row
+  // The drafter's logits may have another dtype than the members' (the op's contract, as on CUDA):
+  // the two are dispatched separately.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_logits.scalar_type(), "me_verify_draft_cpu", [&] {
-    TORCH_CHECK_TYPE(draft_logits.scalar_type() == target_logits.scalar_type(), op,
-                     ": draft_logits dtype must equal target_logits dtype");
-    const scalar_t* target = target_logits.data_ptr<scalar_t>();
-    const scalar_t* draft = draft_logits.data_ptr<scalar_t>();
-    const int64_t t_sm = target_logits.stride(0), t_sb = target_logits.stride(1), t_sj = target_logits.stride(2),
-                  t_sv = target_logits.stride(3);
-    const int64_t d_sb = draft_logits.stride(0), d_sj = draft_logits.stride(1), d_sv = draft_logits.stride(2);
-    for_each_row(batch, [&](int64_t b, Workspace& ws) {
-      const RowSampling p = args.at(b);
-      if (p.bad()) return;  // (0, -1)
-      const int64_t n_drafts = std::min(std::max<int64_t>(ndraft(b), 0), span);
-      std::vector<float> xp(vocab);
-      for (int64_t j = 0; j < n_drafts; ++j) {
-        // p_j: the transformed mixture (mixture_row reads row "b" of a [M, ., V] view at b * t_sb + j * t_sj)
-        float mp;
-        int64_t nfp;
-        if (!mixture_row(target + j * t_sj, t_sm, t_sb, t_sv, b, vocab, w.row(b), w.stride_member, w.members,
-                         xp.data(), ws) ||
-            !row_stats(xp.data(), vocab, mp, nfp)) {
-          acc_out[b] = 0;  // the mixture is undefined at a position the row reaches: (0, -1)
-          tok_out[b] = -1;
+    using target_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, draft_logits.scalar_type(), "me_verify_draft_cpu_q",
+                                    [&] {
+      const target_t* target = target_logits.data_ptr<target_t>();
+      const scalar_t* draft = draft_logits.data_ptr<scalar_t>();
+      const int64_t t_sm = target_logits.stride(0), t_sb = target_logits.stride(1), t_sj = target_logits.stride(2),
+                    t_sv = target_logits.stride(3);
+      const int64_t d_sb = draft_logits.stride(0), d_sj = draft_logits.stride(1), d_sv = draft_logits.stride(2);
+      for_each_row(batch, [&](int64_t b, Workspace& ws) {
+        const RowSampling p = args.at(b);
+        if (p.bad()) return;  // (0, -1)
+        const int64_t n_drafts = std::min(std::max<int64_t>(ndraft(b), 0), span);
+        std::vector<float> xp(vocab);
+        for (int64_t j = 0; j < n_drafts; ++j) {
+          // p_j: the transformed mixture (mixture_row reads row "b" of a [M, ., V] view at b * t_sb + j * t_sj)
+          float mp;
+          int64_t nfp;
+          if (!mixture_row(target + j * t_sj, t_sm, t_sb, t_sv, b, vocab, w.row(b), w.stride_member, w.members,
+                           xp.data(), ws) ||
+              !row_stats(xp.data(), vocab, mp, nfp)) {
+            acc_out[b] = 0;  // the mixture is undefined at a position the row reaches: (0, -1)
+            tok_out[b] = -1;
+            return;
+          }
+          const Distribution dp = distribution(xp.data(), vocab, mp, nfp, p, ws);
+          // q_j: the drafter's transformed distribution (q = 0 for an invalid drafter row)
+          float mq;
+          int64_t nfq;
+          const bool q_valid = load_row(draft + b * d_sb + j * d_sj, d_sv, vocab, ws, mq, nfq);
+          std::swap(ws.row, ws.other);
+          Distribution dq;
+          if (q_valid) dq = distribution(ws.other.data(), vocab, mq, nfq, p, ws);
+          const int64_t x = tok[b * tok_sb + j * tok_sj];
+          float px = 0, qx = 0;
+          if (x >= 0 && x < vocab) {
+            px = dp.probability(xp.data(), x);
+            qx = q_valid ? dq.probability(ws.other.data(), x) : 0.0f;
+          }
+          uint32_t words[4];
+          philox::words(p.seed, p.offset + static_cast<uint64_t>(j), kStreamAccept, 0, words);
+          if (q_valid && philox::uniform_from_bits(words[0]) * qx < px) {  // an invalid drafter row's draft is rejected
+            acc_out[b] = j + 1;
+            continue;
+          }
+          tok_out[b] = dp.greedy ? dp.argmax
+                                 : residual_draw(xp.data(), dp, ws.other.data(), q_valid ? &dq : nullptr, vocab, p.seed,
+                                                 p.offset + static_cast<uint64_t>(j));
           return;
         }
-        const Distribution dp = distribution(xp.data(), vocab, mp, nfp, p, ws);
-        // q_j: the drafter's transformed distribution (q = 0 for an invalid drafter row)
-        float mq;
-        int64_t nfq;
-        const bool q_valid = load_row(draft + b * d_sb + j * d_sj, d_sv, vocab, ws, mq, nfq);
-        std::swap(ws.row, ws.other);
-        Distribution dq;
-        if (q_valid) dq = distribution(ws.other.data(), vocab, mq, nfq, p, ws);
-        const int64_t x = tok[b * tok_sb + j * tok_sj];
-        float px = 0, qx = 0;
-        if (x >= 0 && x < vocab) {
-          px = dp.probability(xp.data(), x);
-          qx = q_valid ? dq.probability(ws.other.data(), x) : 0.0f;
-        }
-        uint32_t words[4];
-        philox::words(p.seed, p.offset + static_cast<uint64_t>(j), kStreamAccept, 0, words);
-        if (q_valid && philox::uniform_from_bits(words[0]) * qx < px) {  // an invalid drafter row's draft is rejected
-          acc_out[b] = j + 1;
-          continue;
-        }
-        tok_out[b] = dp.greedy ? dp.argmax
-                               : residual_draw(xp.data(), dp, ws.other.data(), q_valid ? &dq : nullptr, vocab, p.seed,
-                                               p.offset + static_cast<uint64_t>(j));
-        return;
-      }
+      });
     });
   });
   return {accepted, token};
