@@ -60,13 +60,15 @@ def finetunes(base: str, count: int, sharpness: float, perturb: float, device, d
     state = {k: v.clone() for k, v in base_model.state_dict().items()}
     members = []
     for i in range(count):
-        gen = torch.Generator().manual_seed(99 + i)
+        # the noise is drawn where the members live (a CPU generator for CPU members, as in the
+        # committed CPU results; on a GPU, drawing billions of numbers on the host would take minutes)
+        gen = torch.Generator(device=device).manual_seed(99 + i)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         noisy = {}
         for name, value in state.items():
             if value.dim() >= 1 and value.numel() > 1 and value.is_floating_point():
-                noise = torch.randn(value.shape, generator=gen).to(device)
+                noise = torch.randn(value.shape, generator=gen, device=device)
                 value = (value.float() + perturb * value.float().std() * noise).to(value.dtype)
             noisy[name] = value
         model.load_state_dict(noisy)

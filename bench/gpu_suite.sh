@@ -6,7 +6,7 @@
 #   3. runs the end-to-end benchmark (engine rows first) and the kernel microbenchmarks (JSON);
 #   4. draws the plots and prints a short summary table last.
 # Usage: bench/gpu_suite.sh OUTDIR
-# Fits in a 10-minute run: each step has a hard limit, the benchmarks run their target cases
+# Fits in a 9-minute run (worst case of the limits below: about 540 s): each step has a hard limit, the benchmarks run their target cases
 # first and skip (not kill) the rest when their time budget is spent, so their JSON is always
 # written; e2e.py writes its JSON after every row. Set ME_SUITE_SCALE=2 (or more) to give every
 # budget that factor when the machine can be held longer.
@@ -44,18 +44,18 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
   nvcc --version 2>/dev/null | tail -n 1
 } | tee "$OUTDIR/env.txt"
 
-step build "$(budget 150)" "$PY" setup.py build_ext --inplace || { echo "build failed: see $OUTDIR/suite.log"; tail -n 40 "$OUTDIR/suite.log"; exit 1; }
+step build "$(budget 140)" "$PY" setup.py build_ext --inplace || { echo "build failed: see $OUTDIR/suite.log"; tail -n 40 "$OUTDIR/suite.log"; exit 1; }
 step import 20 "$PY" -c "import me_kernels, me_runtime; assert me_kernels.EXTENSION_LOADED; print('me_kernels._C loaded')"
-step gpu-tests "$(budget 180)" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml"
+step gpu-tests "$(budget 140)" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml"
 # End to end first (the engine rows: stacked, then hf, then the baselines), the target cells first
 # (M=3 at B=1 and B=32), then the rest of the grid as time allows.
 CELLS="qwen2.5-1.5b:3:1,qwen2.5-1.5b:3:32,llama-3.2-1b:3:1,qwen2.5-1.5b:2:1,qwen2.5-1.5b:4:1,qwen2.5-1.5b:3:8,qwen2.5-1.5b:3:64,llama-3.2-1b:3:32"
-[ -f bench/e2e.py ] && step e2e "$(budget 115)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 85)" --out "$OUTDIR/e2e.json"
+[ -f bench/e2e.py ] && step e2e "$(budget 100)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 75)" --out "$OUTDIR/e2e.json"
 # Exact CE by drafting against CE and ME: three bf16 "fine-tunes" of a Qwen2.5-1.5B-shaped base,
 # batch 1 first (the issue's target), JSON after every case.
-[ -f bench/drafting.py ] && step drafting "$(budget 50)" "$PY" bench/drafting.py --device cuda --dtype bfloat16 \
+[ -f bench/drafting.py ] && step drafting "$(budget 45)" "$PY" bench/drafting.py --device cuda --dtype bfloat16 \
   --sets finetunes --base qwen2.5-1.5b --batches 1,8 --settings top_p=0.9,greedy,top_k=10 --repeats 1 \
-  --new-tokens 64 --max-seconds "$(budget 32)" --out "$OUTDIR/drafting.json"
+  --new-tokens 64 --max-seconds "$(budget 28)" --out "$OUTDIR/drafting.json"
 # Kernel microbenchmarks, one file per op (bench/bench_<op>.py), one JSON per op
 # ($OUTDIR/bench_<op>.json). The ops with targets (sample, grouped_linear) run in their own
 # session, their target cases first (ids matching these substrings); the other six share one
@@ -67,10 +67,10 @@ bench_step() {  # bench_step NAME SECONDS PRIORITY FILE...
   ME_BENCH_SECONDS=$secs ME_BENCH_PRIORITY="$prio" \
     step "$name" "$((secs + 13))" "$PY" -m pytest -q "$@" -p no:cacheprovider --benchmark-enable --benchmark-json="$OUTDIR/$name.json"
 }
-bench_step bench_sample 22 "top_p-B128-V131072-fp32|-B1-V|-B64-V|-B256-V" bench/bench_sample.py
-bench_step bench_grouped_linear 22 "-M4-T1]|-M4-T16]|-M4-T512]|-M4-|-M3-" bench/bench_grouped_linear.py
+bench_step bench_sample 18 "top_p-B128-V131072-fp32|-B1-V|-B64-V|-B256-V" bench/bench_sample.py
+bench_step bench_grouped_linear 18 "-M4-T1]|-M4-T16]|-M4-T512]|-M4-|-M3-" bench/bench_grouped_linear.py
 OTHERS=(bench/bench_me_step.py bench/bench_mixture_sample.py bench/bench_mixture_logprobs.py bench/bench_select_members.py bench/bench_group_rows.py bench/bench_verify_draft.py)
-bench_step ops-combined 22 "test_me_step[top_p-B1-V32000-|test_mixture_sample[top_p-B1-V152064-|test_mixture_logprobs[plain-B1-V152064-|test_select_members[B64-M3-|test_group_rows[T512-M3-|test_verify_draft[top_p-B1-J3-|test_me_step[top_p-B64-|test_mixture_sample[top_p-B64-|-B1-|-T1-" "${OTHERS[@]}"
+bench_step ops-combined 18 "test_me_step[top_p-B1-V32000-|test_mixture_sample[top_p-B1-V152064-|test_mixture_logprobs[plain-B1-V152064-|test_select_members[B64-M3-|test_group_rows[T512-M3-|test_verify_draft[top_p-B1-J3-|test_me_step[top_p-B64-|test_mixture_sample[top_p-B64-|-B1-|-T1-" "${OTHERS[@]}"
 "$PY" - "$OUTDIR/ops-combined.json" <<'PYEOF' && rm -f "$OUTDIR/ops-combined.json"
 import json, os, sys
 path = sys.argv[1]
