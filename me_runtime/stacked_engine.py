@@ -304,15 +304,16 @@ class StackedEngine:
         -1 also forgets the prompt's last token). Only the read counts change: attention never
         reads a cache position at or past the query's own, and the next read overwrites them."""
         changed = False
-        for r, slot in enumerate(self.slots):
+        for r in range(batch.size):  # (self.slots may hold more slots than rows: CUDA-graph buckets)
             limit = batch.prompt_lens[r] + t
             for m in range(self.num_members):
-                if self.consumed[m][slot] > limit:
-                    self.consumed[m][slot] = limit
+                if self.consumed[m][self.slots[r]] > limit:
+                    self.consumed[m][self.slots[r]] = limit
                     changed = True
         if changed:  # the host mirror says whether the device table needs the same change
+            slots = self.slots_dev[: batch.size]
             limits = batch.prompt_lens_dev + t
-            self.consumed_dev[:, self.slots_dev] = torch.minimum(self.consumed_dev[:, self.slots_dev], limits[None, :])
+            self.consumed_dev[:, slots] = torch.minimum(self.consumed_dev[:, slots], limits[None, :])
 
     def _catch_up(self, g: int, batch: Batch, t: int, rows: torch.Tensor, members: torch.Tensor, rows_host: list[int],
                   members_host: list[int], span: int = 1) -> torch.Tensor:

@@ -277,11 +277,13 @@ def test_cuda_graph_path_logic_with_eager_replays(monkeypatch):
     graphed._engine.cuda_graphs = True
     plain = Ensemble(models, weights=[0.5, 0.3, 0.2], engine="stacked")
     prompts = [[1, 2, 3, 4, 5, 6, 7], [3], [4, 4, 2], [0, 1], [5, 5, 5]]
-    for method in ("me", "ce"):
+    # CE by drafting too: its verification reads the drafted span with logits="all" (graphs of
+    # q = span), rolls back, and its first round reads the prompts in chunks
+    for method, extra in (("me", {}), ("ce", {}), ("ce", dict(draft_tokens=3, draft_adaptive=False))):
         for batch in (prompts, prompts, prompts[:2]):
             seeds = list(range(1, len(batch) + 1))
-            a = graphed.generate_ids(batch, method=method, max_new_tokens=16, seed=seeds)
-            b = plain.generate_ids(batch, method=method, max_new_tokens=16, seed=seeds)
+            a = graphed.generate_ids(batch, method=method, max_new_tokens=16, seed=seeds, **extra)
+            b = plain.generate_ids(batch, method=method, max_new_tokens=16, seed=seeds, **extra)
             assert [(g.token_ids, g.members, g.finish_reason) for g in a] == [
                 (g.token_ids, g.members, g.finish_reason) for g in b]
     engine = graphed._engine
