@@ -89,12 +89,26 @@ class Batch:
         self.seeds = self.seeds[rows_dev]
 
 
+@dataclass
+class RowPositions:
+    """Per-row generated-token counts (engines with `per_row_positions`): row b's value in `host`
+    (a host list) and `dev` (int64 [B] on the sampling device). Used where an int t would give
+    every row the same count."""
+
+    host: list[int]
+    dev: torch.Tensor
+
+    def shifted(self, delta: int) -> "RowPositions":
+        return RowPositions([v + delta for v in self.host], self.dev + delta)
+
+
 class Engine(Protocol):
     """What the decode loop (and Ensemble) needs from an engine (see hf_engine.py and
     stacked_engine.py)."""
 
     name: str  # "hf" | "stacked"
     num_members: int
+    per_row_positions: bool  # member_logits / span_logits / rollback accept RowPositions for t
 
     def begin(self, batch: Batch) -> None:
         """Allocate the per-call state (caches) for this batch."""

@@ -26,9 +26,12 @@ outcome depends only on the prefix and those numbers. The last position of a rou
 drafted, not drawn from the mixture directly (the usual "bonus" token): a round that ends there
 and a round that drafts through it give the same token.
 
-Rows advance in lock-step: a round emits L = min over rows of (accepted + 1) tokens for every
-row (a row that accepted more re-derives the same tokens next round, by the keying above). KV
-caches and read counts are rolled back exactly to the L emitted tokens (`Engine.rollback`).
+Rows keep their own positions on the stacked engine (its steps take a generated count per row):
+each row emits its own accepted run and the token after it every round. The hf engine keeps
+every row of a member's cache at one length, so there the rows advance in lock-step: a round
+emits the fewest tokens any row got for every row (a row that accepted more re-derives the same
+tokens next round, by the keying above). KV caches and read counts are rolled back exactly to the
+emitted tokens (`Engine.rollback`).
 
 Cost model, in member forwards (memory-bound decode: a forward over a few tokens costs about one
 over one token): a round costs D draft forwards (one member each at batch 1) + one verification
@@ -49,22 +52,22 @@ from tqdm.auto import tqdm
 
 import me_kernels
 
-from .decode import Batch, Decoder, RequestResult, StepTokens, record_tokens
+from .decode import Batch, Decoder, RequestResult, RowPositions
 
 
 class DraftController:
     """Chooses the number of drafted forwards per round from measured acceptance and costs.
 
-    Acceptance: per request, accepted / tested drafts with a prior of one accepted in two (so a
-    new request starts by drafting). Lock-step rounds emit the minimum over rows, so the expected
-    tokens of a round with D drafts are sum_{i=0..D} prod_b a_b^i. Costs, from the wall time of
-    each phase (each ends with a host transfer, so the host clock measures the device work): a
-    draft step's time, and the verification's time as a line in the positions J it verifies,
-    c(J) = a + b * J, fitted to the average time of each J measured so far (b = 0, the
-    memory-bound GPU regime, until two different J are measured; on a CPU the verification is
-    compute-bound and b > 0). The first measured rounds explore: one draft, then none, so the
-    line has two points before the choice rests on it.
-    Before any measurement: a draft costs one member forward, a verification M."""
+    Acceptance: per request, accepted / tested drafts with a prior of one accepted in two. A
+    round with D drafts emits sum_{i=0..D} a_b^i tokens for row b with per-row positions, and
+    sum_{i=0..D} prod_b a_b^i for every row in lock-step (the minimum over rows). Costs, from
+    the wall time of each phase (each ends with a host transfer, so the host clock measures the
+    device work): a draft step's time, and the verification's time as a line in the positions J
+    it verifies, c(J) = a + b * J, fitted to the average time of each J measured so far (b = 0,
+    the memory-bound GPU regime, until two different J are measured; on a CPU the verification
+    is compute-bound and b > 0). The first measured rounds explore: one draft, then none, so the
+    line has two points before the choice rests on it. Before any measurement: a draft costs one
+    member forward, a verification M."""
 
     def __init__(self, max_drafts: int, num_members: int, adaptive: bool = True):
         self.max_drafts = max_drafts
@@ -84,7 +87,9 @@ class DraftController:
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         return max(my + max(slope, 0.0) * (span - mx), 1e-9)
 
-    def choose(self, tested: list[int], accepted: list[int]) -> int:
+    def choose(self, tested: list[int], accepted: list[int], per_row: bool = False) -> int:
+        """Drafts for the next round. per_row: every row keeps its own accepted run (expected
+        tokens sum_b sum_i a_b^i), else the rows advance in lock-step (sum_i prod_b a_b^i)."""
         if not self.adaptive or self.max_drafts == 0:
             return self.max_drafts
         # Exploration, cheap whatever the acceptance: a round of one draft (which also measures a
@@ -97,7 +102,10 @@ class DraftController:
         rates = [(a + 1.0) / (n + 2.0) for n, a in zip(tested, accepted)]
         best, best_d = -1.0, 0
         for d in range(self.max_drafts + 1):
-            expected = sum(_prod(r**i for r in rates) for i in range(d + 1))
+            if per_row:
+                expected = sum(sum(r**i for i in range(d + 1)) for r in rates) / len(rates)
+            else:
+                expected = sum(_prod(r**i for r in rates) for i in range(d + 1))
             value = expected / (d * self.c_draft + self.verify_cost(d + 1))
             if value > best * (1 + 1e-9):
                 best, best_d = value, d
@@ -125,7 +133,11 @@ def _prod(values) -> float:
 
 
 class DraftingDecoder(Decoder):
-    """A Decoder whose rounds draft with ME and verify against CE (see the module docstring)."""
+    """A Decoder whose rounds draft with ME and verify against CE (see the module docstring).
+
+    Rows keep their own generated counts (`gen`): on an engine with per-row positions (the
+    stacked engine) each row emits its own accepted run every round; otherwise the rows advance in
+    lock-step (every row emits the fewest tokens any row got, and re-derives the rest)."""
 
     def __init__(self, engine, weights: torch.Tensor, batch: Batch, *, params, draft_tokens: int,
                  draft_member: int | None, max_new_tokens: int, adaptive: bool = True):
@@ -133,10 +145,19 @@ class DraftingDecoder(Decoder):
         self.max_drafts = draft_tokens
         self.draft_member = draft_member
         self.max_new_tokens = max_new_tokens
+        self.per_row = bool(getattr(engine, "per_row_positions", False))
         self.controller = DraftController(draft_tokens, engine.num_members, adaptive)
-        self.generated = 0  # tokens every active row has (lock-step)
+        self.gen = [0] * batch.size  # generated tokens of each active row (host) ...
+        self.gen_dev = torch.zeros(batch.size, dtype=torch.long, device=batch.device)  # ... and on the device
         self.tested = [0] * batch.size  # per active row: drafts tested / accepted (controller)
         self.accepted = [0] * batch.size
+
+    def positions(self, delta: int):
+        """The engines' t for generated position gen_b + delta of every row: RowPositions, or
+        the int every row shares in lock-step."""
+        if self.per_row:
+            return RowPositions([g + delta for g in self.gen], self.gen_dev + delta)
+        return self.gen[0] + delta
 
     # ---------------------------------------------------------------- drafter draws
     def drafters(self, offsets: torch.Tensor) -> torch.Tensor:
@@ -151,100 +172,130 @@ class DraftingDecoder(Decoder):
         return out.reshape(offsets.shape)
 
     def first_members(self) -> None:
-        offsets = torch.zeros(self.batch.size, dtype=torch.long, device=self.batch.device)
-        self.next_members = self.drafters(offsets)
+        self.next_members = self.drafters(self.gen_dev)
         self.next_members_host = self.next_members.tolist()
         self._check_members(-1)
 
     # ---------------------------------------------------------------- one round
-    def draft_step(self, s: int) -> torch.Tensor:
-        """Draft generated position s of every row with its drafter; returns the drafter's
-        logits [B, V] (q before the transforms) and writes the token into the batch."""
+    def draft_step(self, j: int) -> torch.Tensor:
+        """Draft generated position gen_b + j of every row with its drafter; returns the
+        drafter's logits [B, V] (q before the transforms) and writes the tokens into the batch."""
         batch = self.batch
         members, members_host = self.next_members, self.next_members_host
-        logits = self.engine.member_logits(batch, s, members, members_host)
+        logits = self.engine.member_logits(batch, self.positions(j), members, members_host)
+        offset = self.gen_dev + j
         if self.draft_member is None:
-            tokens, next_members = me_kernels.me_step(logits, self.weights, seed=batch.seeds, offset=s,
+            tokens, next_members = me_kernels.me_step(logits, self.weights, seed=batch.seeds, offset=offset,
                                                       **self.sample_kwargs)
         else:
-            tokens = me_kernels.sample(logits, seed=batch.seeds, offset=s, **self.sample_kwargs)
+            tokens = me_kernels.sample(logits, seed=batch.seeds, offset=offset, **self.sample_kwargs)
             next_members = members
-        batch.generated[:, s] = tokens
+        batch.generated.scatter_(1, offset[:, None], tokens[:, None])
         # The draft step's one host transfer: the engines pick what runs from the drafters.
         host = torch.stack([tokens, next_members.to(torch.long)]).tolist()
         if min(host[0]) < 0:  # the sampling kernels' signal for logits with no finite value or a NaN
             row = host[0].index(min(host[0]))
             raise RuntimeError(f"request {batch.request_ids[row]}: the drafter's (member {members_host[row]}) logits at "
-                               f"step {s} had no finite value or a NaN; nothing can be drafted from them")
+                               f"step {self.gen[row] + j} had no finite value or a NaN; nothing can be drafted from them")
         self.next_members, self.next_members_host = next_members, host[1]
-        self._check_members(s)
+        self._check_members(j)
         self._draft_tokens_host.append(host[0])
         return logits
 
-    def round(self) -> list[StepTokens]:
-        """One draft-and-verify round; returns the emitted tokens, one StepTokens per position."""
-        batch, g = self.batch, self.generated
-        drafts = min(self.controller.choose(self.tested, self.accepted), self.max_new_tokens - g - 1)
+    def round(self) -> list[list[int]]:
+        """One draft-and-verify round; returns the tokens each row emitted (host lists)."""
+        batch = self.batch
+        remaining = min(self.max_new_tokens - g for g in self.gen)
+        drafts = min(self.controller.choose(self.tested, self.accepted, self.per_row), remaining - 1)
         span = drafts + 1
         dev = batch.device
+        steps = torch.arange(span, device=dev)[None, :]
         self._draft_tokens_host = []
         began = time.perf_counter()
-        drafted_logits = [self.draft_step(g + j) for j in range(drafts)]
+        drafted_logits = [self.draft_step(j) for j in range(drafts)]
         drafted = time.perf_counter()
 
-        target = self.engine.span_logits(batch, g + drafts, span)  # [M, B, span, V] (or [M, B, V])
+        target = self.engine.span_logits(batch, self.positions(drafts), span)  # [M, B, span, V] (or [M, B, V])
         if span == 1:
             target = target[:, :, None]
         rows = torch.arange(batch.size, device=dev)
         last = target[self.next_members.long(), rows, span - 1]  # the last position's drafter's logits
         draft_logits = torch.stack(drafted_logits + [last], dim=1) if drafts else last[:, None]  # [B, span, V]
-        batch.generated[:, g + drafts] = me_kernels.sample(last, seed=batch.seeds, offset=g + drafts,
-                                                           **self.sample_kwargs)
-        draft_tokens = batch.generated[:, g : g + span]
+        last_offset = self.gen_dev + drafts
+        last_tokens = me_kernels.sample(last, seed=batch.seeds, offset=last_offset, **self.sample_kwargs)
+        batch.generated.scatter_(1, last_offset[:, None], last_tokens[:, None])
+        draft_tokens = batch.generated.gather(1, self.gen_dev[:, None] + steps)
         accepted, residual = me_kernels.verify_draft(target, draft_logits, draft_tokens, self.weights, seed=batch.seeds,
-                                                     offset=g, **self.sample_kwargs)
-        # the drafters of every position the next round may start at (g + 1 .. g + span)
-        offsets = g + 1 + torch.arange(span, device=dev)[None, :].expand(batch.size, -1)
-        candidates = self.drafters(offsets)
+                                                     offset=self.gen_dev, **self.sample_kwargs)
+        # the drafters of every position a row's next round may start at (gen + 1 .. gen + span)
+        candidates = self.drafters(self.gen_dev[:, None] + 1 + steps)
         # The round's one host transfer: what was accepted, the residual tokens (stop checks),
         # the last drafted tokens and the next drafters.
-        host = torch.cat([accepted[:, None], residual[:, None], draft_tokens[:, -1:],
+        host = torch.cat([accepted[:, None], residual[:, None], last_tokens[:, None],
                           candidates.to(torch.long)], dim=1).tolist()
-        if g > 0:  # the first round also reads the prompts: not a measure of a round's cost
+        if min(self.gen) > 0:  # the first round also reads the prompts: not a measure of a round's cost
             self.controller.observe(drafted - began, drafts, time.perf_counter() - drafted)
-
-        emitted = min(min(row[0] + 1, span) for row in host)
         if any(row[0] == 0 and row[1] < 0 for row in host):  # the kernel's failure signal
             bad = next(b for b, row in enumerate(host) if row[0] == 0 and row[1] < 0)
-            raise RuntimeError(f"request {batch.request_ids[bad]}: the mixture at step {g} had no finite value or a NaN; "
-                               "nothing can be sampled from it")
+            raise RuntimeError(f"request {batch.request_ids[bad]}: the mixture at step {self.gen[bad]} had no finite "
+                               "value or a NaN; nothing can be sampled from it")
+
+        if self.per_row:  # each row emits its accepted run and the token after it
+            emitted = [min(row[0] + 1, span) for row in host]
+            emitted_dev = torch.clamp(accepted + 1, max=span)
+        else:  # lock-step: the fewest any row got
+            emitted = [min(min(row[0] + 1, span) for row in host)] * batch.size
+            emitted_dev = torch.full_like(accepted, emitted[0])
+        final = torch.where(accepted >= emitted_dev, draft_tokens.gather(1, (emitted_dev - 1)[:, None])[:, 0], residual)
+        batch.generated.scatter_(1, (self.gen_dev + emitted_dev - 1)[:, None], final[:, None])
+        drafted_host = [list(col) for col in zip(*self._draft_tokens_host)] if drafts else [[] for _ in host]
+        tokens = []
         for b, row in enumerate(host):
+            drafts_b = drafted_host[b] + [row[2]]
+            tokens.append([drafts_b[j] if row[0] > j else row[1] for j in range(emitted[b])])
             self.tested[b] += min(row[0] + 1, span)
             self.accepted[b] += row[0]
-        drafted_host = [list(col) for col in zip(*self._draft_tokens_host)] if drafts else [[] for _ in host]
-        steps = []
-        for j in range(emitted):
-            tokens_host = []
-            for b, row in enumerate(host):
-                draft = drafted_host[b][j] if j < drafts else row[2]
-                tokens_host.append(draft if row[0] > j else row[1])
-            steps.append(StepTokens(None, tokens_host, [-1] * batch.size))
-        final = torch.where(accepted >= emitted, draft_tokens[:, emitted - 1], residual)
-        batch.generated[:, g + emitted - 1] = final
-        self.engine.rollback(batch, g + emitted - 1)  # the last emitted token may differ from its draft
-        self.generated = g + emitted
-        self.next_members = candidates[:, emitted - 1].contiguous()
-        self.next_members_host = [row[3 + emitted - 1] for row in host]
-        self._check_members(self.generated - 1)
+        # every member forgets what it read past the emitted tokens but the last (which may differ
+        # from its draft)
+        self.gen = [g + e - 1 for g, e in zip(self.gen, emitted)]
+        self.gen_dev = self.gen_dev + emitted_dev - 1
+        self.engine.rollback(batch, self.positions(0))
+        self.gen = [g + 1 for g in self.gen]
+        self.gen_dev = self.gen_dev + 1
+        self.next_members = candidates.gather(1, (emitted_dev - 1)[:, None])[:, 0].contiguous()
+        self.next_members_host = [row[3 + e - 1] for row, e in zip(host, emitted)]
+        self._check_members(-1)
         self.round_drafted = [min(row[0] + 1, span) for row in host]
         self.round_accepted = [row[0] for row in host]
-        return steps
+        return tokens
 
     def retire(self, finished: list[int]) -> None:
         done = set(finished)
-        self.tested = [n for r, n in enumerate(self.tested) if r not in done]
-        self.accepted = [n for r, n in enumerate(self.accepted) if r not in done]
+        keep = [r for r in range(self.batch.size) if r not in done]
+        self.tested = [self.tested[r] for r in keep]
+        self.accepted = [self.accepted[r] for r in keep]
+        self.gen = [self.gen[r] for r in keep]
+        self.gen_dev = self.gen_dev[torch.tensor(keep, dtype=torch.long, device=self.batch.device)]
         super().retire(finished)
+
+
+def _record(res: RequestResult, tokens: list[int], start: int, *, max_new_tokens: int, eos_ids: frozenset[int],
+            stop_checker) -> bool:
+    """Append a row's emitted tokens (generated positions start, start + 1, ...) to its result,
+    stopping at EOS, a stop string or max_new_tokens; True when the request is finished."""
+    for j, tok in enumerate(tokens):
+        res.token_ids.append(tok)
+        res.members.append(-1)
+        if tok in eos_ids:
+            res.finish_reason = "eos"
+            return True
+        if stop_checker.hit(res.token_ids):
+            res.finish_reason = "stop"
+            return True
+        if start + j + 1 >= max_new_tokens:
+            res.finish_reason = "length"
+            return True
+    return False
 
 
 def decode_drafting(engine, weights: torch.Tensor, prompts: list[list[int]], seeds: list[int], *, params,
@@ -262,22 +313,25 @@ def decode_drafting(engine, weights: torch.Tensor, prompts: list[list[int]], see
     try:
         decoder.first_members()
         engine.begin(batch)
-        while decoder.generated < max_new_tokens:
-            t0 = decoder.generated
-            steps = decoder.round()
-            for b, req in enumerate(batch.request_ids):
-                results[req].drafted += decoder.round_drafted[b]
-                results[req].accepted += decoder.round_accepted[b]
-            finished: list[int] = []
-            for j, step in enumerate(steps):
-                active = [r for r in range(batch.size) if r not in finished]
-                finished += record_tokens(results, batch, step, t0 + j, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                          stop_checker=stop_checker, rows=active)
-            bar.update(len(steps))
+        done_tokens = 0
+        while batch.size:
+            starts = list(decoder.gen)
+            emitted = decoder.round()
+            finished = []
+            for b, (start, tokens) in enumerate(zip(starts, emitted)):
+                res = results[batch.request_ids[b]]
+                res.drafted += decoder.round_drafted[b]
+                res.accepted += decoder.round_accepted[b]
+                if _record(res, tokens, start, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                           stop_checker=stop_checker):
+                    finished.append(b)
+            progress_now = min(decoder.gen)
+            bar.update(progress_now - done_tokens)
+            done_tokens = progress_now
             if len(finished) == batch.size:
                 break
             if finished:
-                decoder.retire(sorted(finished))
+                decoder.retire(finished)
     finally:
         engine.end()
         bar.close()

@@ -164,6 +164,7 @@ class HFEngine:
     """Runs each member's own Hugging Face forward (any causal LM). See the module docstring."""
 
     name = "hf"
+    per_row_positions = False  # every row of a member's cache holds the same count (see MemberRunner)
 
     def __init__(self, models: list[torch.nn.Module], sampling_device: torch.device, vocab_size: int):
         self.models = list(models)

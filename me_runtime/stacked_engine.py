@@ -136,11 +136,12 @@ def run_sequences(group: StackedGroup, cache, tokens_buf: torch.Tensor, pad: tor
 
 
 def catch_up_sequences(group: StackedGroup, cache, forward, tokens_buf: torch.Tensor, width: int,
-                       prompt_lens: torch.Tensor, t: int, rows: torch.Tensor, members: torch.Tensor,
+                       prompt_lens: torch.Tensor, t: int | torch.Tensor, rows: torch.Tensor, members: torch.Tensor,
                        member_local: torch.Tensor, slots: torch.Tensor, consumed: torch.Tensor, *, q: int,
                        n_chunks: int, kv_len: int, span: int = 1) -> torch.Tensor:
     """The device part of one catch-up: sequences (rows[i], members[i]) read their pending tokens,
-    positions [consumed[member, slot], prompt_len + t), in n_chunks chunks of q; `consumed` is
+    positions [consumed[member, slot], prompt_len + t) (t: an int, or int64 [B] per row), in
+    n_chunks chunks of q; `consumed` is
     updated in place. Returns the float32 logits at each sequence's last token ([N, V]). With
     span > 1 (every sequence reads >= span tokens): the n_chunks chunks of q cover the tokens
     before the last `span`, which one more forward reads, returning their logits [N, span, V].
@@ -151,7 +152,7 @@ def catch_up_sequences(group: StackedGroup, cache, forward, tokens_buf: torch.Te
     """
     slot = slots[rows]
     start = consumed[members, slot]
-    end = prompt_lens[rows] + t
+    end = prompt_lens[rows] + (t if isinstance(t, int) else t[rows])
     pad = width - prompt_lens
     local = member_local[members]
     if span > 1:
@@ -183,6 +184,7 @@ class StackedEngine:
     to views of the stacked tensors, so the weights are held once)."""
 
     name = "stacked"
+    per_row_positions = True  # a step's t may differ per row (RowPositions): ends are per sequence
 
     def __init__(self, models: list[torch.nn.Module], sampling_device: torch.device, vocab_size: int, max_seq_len: int):
         reasons = check_supported(models)
@@ -285,7 +287,7 @@ class StackedEngine:
         1 (the CE step), else [M, B, span, V] (the verification of drafted tokens). Members first
         forget what they read from generated token t - span on (nothing in plain CE)."""
         if span > 1:
-            self.rollback(batch, t - span)
+            self.rollback(batch, t - span if isinstance(t, int) else t.shifted(-span))
         shape = (self.num_members, batch.size) + ((span,) if span > 1 else ()) + (self.vocab_size,)
         out = torch.empty(shape, dtype=torch.float32, device=self.sampling_device)
         for g, ids in enumerate(self.group_members):
@@ -305,14 +307,14 @@ class StackedEngine:
         reads a cache position at or past the query's own, and the next read overwrites them."""
         changed = False
         for r in range(batch.size):  # (self.slots may hold more slots than rows: CUDA-graph buckets)
-            limit = batch.prompt_lens[r] + t
+            limit = batch.prompt_lens[r] + (t if isinstance(t, int) else t.host[r])
             for m in range(self.num_members):
                 if self.consumed[m][self.slots[r]] > limit:
                     self.consumed[m][self.slots[r]] = limit
                     changed = True
         if changed:  # the host mirror says whether the device table needs the same change
             slots = self.slots_dev[: batch.size]
-            limits = batch.prompt_lens_dev + t
+            limits = batch.prompt_lens_dev + (t if isinstance(t, int) else t.dev)
             self.consumed_dev[:, slots] = torch.minimum(self.consumed_dev[:, slots], limits[None, :])
 
     def _catch_up(self, g: int, batch: Batch, t: int, rows: torch.Tensor, members: torch.Tensor, rows_host: list[int],
@@ -320,7 +322,7 @@ class StackedEngine:
         """Run sequences (row, member) of group g over their pending tokens; logits [N, V] (or
         [N, span, V])."""
         slots_host = [self.slots[r] for r in rows_host]
-        ends_host = [batch.prompt_lens[r] + t for r in rows_host]
+        ends_host = [batch.prompt_lens[r] + (t if isinstance(t, int) else t.host[r]) for r in rows_host]
         starts_host = [self.consumed[m][s] for m, s in zip(members_host, slots_host)]
         if min(e - s for e, s in zip(ends_host, starts_host)) < span:
             raise RuntimeError(f"catch-up: a sequence has fewer than {span} pending tokens")
@@ -329,8 +331,9 @@ class StackedEngine:
         kv_len = min(_bucket(max(ends_host), batch.device), self.capacity)
         q = min(_bucket(max(pending, 1), batch.device), max(1, CHUNK_TOKENS // len(rows_host)))
         logits = catch_up_sequences(self.groups[g], self.caches[g], self.forwards[g], batch.tokens, batch.width,
-                                    batch.prompt_lens_dev, t, rows, members, self.member_local, self.slots_dev,
-                                    self.consumed_dev, q=q, n_chunks=-(-pending // q), kv_len=kv_len, span=span)
+                                    batch.prompt_lens_dev, t if isinstance(t, int) else t.dev, rows, members,
+                                    self.member_local, self.slots_dev, self.consumed_dev, q=q,
+                                    n_chunks=-(-pending // q), kv_len=kv_len, span=span)
         for m, s, e in zip(members_host, slots_host, ends_host):
             self.consumed[m][s] = e
         return logits.to(self.sampling_device)

@@ -369,3 +369,22 @@ def test_chunked_verification_reads_long_prompts_in_chunks(members, monkeypatch)
     got = ens.generate_ids(prompts, method="ce", temperature=0.0, max_new_tokens=9, draft_tokens=3,
                            draft_adaptive=False)
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rows_keep_their_own_positions_on_the_stacked_engine(members, engine):
+    """Stacked engine: each row emits its own accepted run (rows reach different positions);
+    hf engine: lock-step (every row at the same position after every round)."""
+    ens = _ensemble(members, engine)
+    with torch.inference_mode():
+        batch = Batch([[1, 2, 3], [4, 5], [0]], [1, 2, 3], 24, torch.device("cpu"))
+        dec = DraftingDecoder(ens._engine, ens._weights_tensor(), batch, params=SamplingParams(), draft_tokens=3,
+                              draft_member=None, max_new_tokens=24, adaptive=False)
+        dec.first_members()
+        ens._engine.begin(batch)
+        spreads = []
+        for _ in range(4):
+            dec.round()
+            spreads.append(max(dec.gen) - min(dec.gen))
+        ens._engine.end()
+    assert (max(spreads) > 0) == (engine == "stacked"), spreads
