@@ -120,6 +120,14 @@ class Engine(Protocol):
     def all_member_logits(self, batch: Batch, t: int) -> torch.Tensor:
         """The same for every member and row: [M, B, V]."""
 
+    def span_logits(self, batch: Batch, t, span: int) -> torch.Tensor:
+        """Every member's logits predicting generated tokens t - span + 1 .. t: [M, B, V] for
+        span 1 (= all_member_logits), else [M, B, span, V] (the verification of drafted tokens;
+        the members first forget what they read from generated token t - span on)."""
+
+    def rollback(self, batch: Batch, t) -> None:
+        """Every member forgets, in every row, the generated tokens from index t on (t >= -1)."""
+
     def retire(self, rows: list[int], rows_dev: torch.Tensor) -> None:
         """Keep only `rows` of the batch."""
 
@@ -216,29 +224,35 @@ class Decoder:
             self.next_members_host = [self.next_members_host[r] for r in keep]
 
 
+def append_token(res: RequestResult, tok: int, member: int, t: int, *, max_new_tokens: int, eos_ids: frozenset[int],
+                 stop_checker: StopChecker) -> bool:
+    """Append generated token t of a request; True when it finishes the request (EOS, a stop
+    string, or max_new_tokens)."""
+    res.token_ids.append(tok)
+    res.members.append(member)
+    if tok in eos_ids:
+        res.finish_reason = "eos"
+    elif stop_checker.hit(res.token_ids):
+        res.finish_reason = "stop"
+    elif t + 1 < max_new_tokens:
+        return False
+    return True
+
+
 def record_tokens(results: list[RequestResult], batch: Batch, step: StepTokens, t: int, *, max_new_tokens: int,
-                  eos_ids: frozenset[int], stop_checker: StopChecker, rows: list[int] | None = None) -> list[int]:
-    """Append step t's tokens to the requests' results (of `rows`, default every row); return the
-    rows that finished."""
+                  eos_ids: frozenset[int], stop_checker: StopChecker) -> list[int]:
+    """Append step t's tokens to the requests' results; return the rows that finished."""
     finished = []
-    for row in range(batch.size) if rows is None else rows:
-        req = batch.request_ids[row]
-        res = results[req]
+    for row, req in enumerate(batch.request_ids):
         tok = step.tokens_host[row]
         if tok < 0:
             raise RuntimeError(
                 f"request {req}: the logits at step {t} had no finite value or a NaN (member "
                 f"{step.members_host[row]}); nothing can be sampled from them"
             )
-        res.token_ids.append(tok)
-        res.members.append(step.members_host[row])
-        if tok in eos_ids:
-            res.finish_reason = "eos"
-        elif stop_checker.hit(res.token_ids):
-            res.finish_reason = "stop"
-        elif t + 1 < max_new_tokens:
-            continue
-        finished.append(row)
+        if append_token(results[req], tok, step.members_host[row], t, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                        stop_checker=stop_checker):
+            finished.append(row)
     return finished
 
 

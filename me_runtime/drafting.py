@@ -45,6 +45,7 @@ residual tokens and the next drafters).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -52,7 +53,7 @@ from tqdm.auto import tqdm
 
 import me_kernels
 
-from .decode import Batch, Decoder, RequestResult, RowPositions
+from .decode import Batch, Decoder, RequestResult, RowPositions, append_token
 
 
 class DraftController:
@@ -105,7 +106,7 @@ class DraftController:
             if per_row:
                 expected = sum(sum(r**i for i in range(d + 1)) for r in rates) / len(rates)
             else:
-                expected = sum(_prod(r**i for r in rates) for i in range(d + 1))
+                expected = sum(math.prod(r**i for r in rates) for i in range(d + 1))
             value = expected / (d * self.c_draft + self.verify_cost(d + 1))
             if value > best * (1 + 1e-9):
                 best, best_d = value, d
@@ -123,13 +124,6 @@ class DraftController:
         old = self.verify_times.get(span)
         self.verify_times[span] = verify_seconds if old is None else 0.7 * old + 0.3 * verify_seconds
         self.measured = True
-
-
-def _prod(values) -> float:
-    out = 1.0
-    for v in values:
-        out *= v
-    return out
 
 
 class DraftingDecoder(Decoder):
@@ -255,13 +249,11 @@ class DraftingDecoder(Decoder):
             tokens.append([drafts_b[j] if row[0] > j else row[1] for j in range(emitted[b])])
             self.tested[b] += min(row[0] + 1, span)
             self.accepted[b] += row[0]
+        self.gen = [g + e for g, e in zip(self.gen, emitted)]
+        self.gen_dev = self.gen_dev + emitted_dev
         # every member forgets what it read past the emitted tokens but the last (which may differ
         # from its draft)
-        self.gen = [g + e - 1 for g, e in zip(self.gen, emitted)]
-        self.gen_dev = self.gen_dev + emitted_dev - 1
-        self.engine.rollback(batch, self.positions(0))
-        self.gen = [g + 1 for g in self.gen]
-        self.gen_dev = self.gen_dev + 1
+        self.engine.rollback(batch, self.positions(-1))
         self.next_members = candidates.gather(1, (emitted_dev - 1)[:, None])[:, 0].contiguous()
         self.next_members_host = [row[3 + e - 1] for row, e in zip(host, emitted)]
         self._check_members(-1)
@@ -277,25 +269,6 @@ class DraftingDecoder(Decoder):
         self.gen = [self.gen[r] for r in keep]
         self.gen_dev = self.gen_dev[torch.tensor(keep, dtype=torch.long, device=self.batch.device)]
         super().retire(finished)
-
-
-def _record(res: RequestResult, tokens: list[int], start: int, *, max_new_tokens: int, eos_ids: frozenset[int],
-            stop_checker) -> bool:
-    """Append a row's emitted tokens (generated positions start, start + 1, ...) to its result,
-    stopping at EOS, a stop string or max_new_tokens; True when the request is finished."""
-    for j, tok in enumerate(tokens):
-        res.token_ids.append(tok)
-        res.members.append(-1)
-        if tok in eos_ids:
-            res.finish_reason = "eos"
-            return True
-        if stop_checker.hit(res.token_ids):
-            res.finish_reason = "stop"
-            return True
-        if start + j + 1 >= max_new_tokens:
-            res.finish_reason = "length"
-            return True
-    return False
 
 
 def decode_drafting(engine, weights: torch.Tensor, prompts: list[list[int]], seeds: list[int], *, params,
@@ -322,9 +295,11 @@ def decode_drafting(engine, weights: torch.Tensor, prompts: list[list[int]], see
                 res = results[batch.request_ids[b]]
                 res.drafted += decoder.round_drafted[b]
                 res.accepted += decoder.round_accepted[b]
-                if _record(res, tokens, start, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                           stop_checker=stop_checker):
-                    finished.append(b)
+                for j, tok in enumerate(tokens):
+                    if append_token(res, tok, -1, start + j, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                    stop_checker=stop_checker):
+                        finished.append(b)
+                        break
             progress_now = min(decoder.gen)
             bar.update(progress_now - done_tokens)
             done_tokens = progress_now

@@ -16,7 +16,7 @@ from me_runtime.stacked_engine import StackedEngine
 from me_kernels import SamplingParams
 
 from _sampling_testlib import chi2_check, exact_probs
-from tiny_models import next_token_probs, tiny_member
+from tiny_models import next_token_probs, other_architecture_members, tiny_member
 
 ENGINES = ["hf", "stacked"]
 VOCAB = 6
@@ -284,32 +284,13 @@ def test_zero_and_one_new_tokens(members):
 # Other architectures (hf engine: sliding-window and hybrid caches), errors mid-generation
 # ---------------------------------------------------------------------------------------------
 
-OTHER_ARCHITECTURES = {
-    "mistral-sliding-window": ("mistral", dict(sliding_window=4)),  # rollbacks past the window
-    "gemma2-hybrid-sliding": ("gemma2", dict(head_dim=8, sliding_window=4)),
-    "gpt2-learned-positions": ("gpt2", None),
-}
+# hf-engine caches: sliding windows (rollbacks past the window), hybrid layers, learned positions
+DRAFTING_ARCHITECTURES = ["mistral-sliding-window", "gemma2-hybrid-sliding", "gpt2-learned-positions"]
 
 
-@pytest.mark.parametrize("name", list(OTHER_ARCHITECTURES))
+@pytest.mark.parametrize("name", DRAFTING_ARCHITECTURES)
 def test_other_architectures_greedy_is_ce_and_rows_finish(name):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_type, extra = OTHER_ARCHITECTURES[name]
-    vocab = 12
-    if extra is None:
-        kwargs = dict(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=None, eos_token_id=2)
-    else:
-        kwargs = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=2,
-                      pad_token_id=None, **extra)
-    models = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
-        with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(3.0)
-        models.append(model.eval())
+    models = other_architecture_members(name)
     ens = Ensemble(models, engine="hf")
     prompts = [[1, 3, 5, 7, 9, 11, 4], [3], [4, 4, 0], [6, 7]]
     ce = ens.generate_ids(prompts, method="ce", temperature=0.0, max_new_tokens=14)

@@ -14,7 +14,7 @@ from me_runtime import Ensemble
 from me_runtime.decode import Batch
 from me_runtime.hf_engine import MemberRunner
 from me_runtime.stacked_engine import StackedEngine
-from tiny_models import char_tokenizer, next_token_probs, tiny_member
+from tiny_models import OTHER_ARCHITECTURES, char_tokenizer, next_token_probs, other_architecture_members, tiny_member
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as collected (the fixture below flips it)
 V = 5  # vocabulary of the enumeration tests: 5^3 = 125 sequences of 3 tokens
@@ -523,38 +523,11 @@ def test_interrupted_generate_leaves_the_ensemble_usable(members, engine, monkey
 
 
 # ----------------------------------------------------------------------------- other architectures
-OTHER_ARCHITECTURES = {
-    "mistral-sliding-window": ("mistral", dict(sliding_window=4)),
-    "gemma2-hybrid-sliding": ("gemma2", dict(head_dim=8, sliding_window=4)),
-    "qwen3": ("qwen3", dict(head_dim=8)),
-    "phi3": ("phi3", {}),
-    "gpt2-learned-positions": ("gpt2", None),
-}
-
-
 @pytest.mark.parametrize("name", list(OTHER_ARCHITECTURES))
 def test_other_architectures_batch_invariance_with_finishing_rows(name):
     # Any AutoModelForCausalLM: ragged prompts, sliding-window and hybrid caches, learned
     # positions, and requests that finish early (dropped from every cache mid-batch).
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_type, extra = OTHER_ARCHITECTURES[name]
-    vocab = 12
-    if extra is None:
-        kwargs = dict(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=None, eos_token_id=2)
-    else:
-        kwargs = dict(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=2, pad_token_id=None,
-            **extra,
-        )  # fmt: skip
-    models = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
-        with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(3.0)
-        models.append(model.eval())
+    models = other_architecture_members(name)
     ens = Ensemble(models)  # "auto": stacked for Mistral and Qwen3, hf for the others
     prompts = [[1, 3, 5, 7, 9, 11, 4], [3], [4, 4, 0], [6, 7]]
     for method in ("me", "ce"):

@@ -41,6 +41,39 @@ def tiny_member(arch: str, vocab_size: int, seed: int, *, sharpness: float = 1.0
     return model.eval()
 
 
+# Small members of other architectures (any AutoModelForCausalLM): name -> (model_type, extra
+# config; None: GPT-2's own config names).
+OTHER_ARCHITECTURES = {
+    "mistral-sliding-window": ("mistral", dict(sliding_window=4)),
+    "gemma2-hybrid-sliding": ("gemma2", dict(head_dim=8, sliding_window=4)),
+    "qwen3": ("qwen3", dict(head_dim=8)),
+    "phi3": ("phi3", {}),
+    "gpt2-learned-positions": ("gpt2", None),
+}
+
+
+def other_architecture_members(name: str, count: int = 2, vocab_size: int = 12) -> list[torch.nn.Module]:
+    """`count` random 2-layer members of OTHER_ARCHITECTURES[name] (EOS id 2, sharpened heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = OTHER_ARCHITECTURES[name]
+    if extra is None:
+        kwargs = dict(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=None,
+                      eos_token_id=2)
+    else:
+        kwargs = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None,
+                      eos_token_id=2, pad_token_id=None, **extra)
+    models = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(3.0)
+        models.append(model.eval())
+    return models
+
+
 def char_tokenizer(alphabet: str = "abcdefghijklmnopqrstuvwxyz .", *, eos: bool = True) -> PreTrainedTokenizerFast:
     """One token per character, plus <s> (id 0) and </s> (id 1, the EOS token unless eos=False);
     decode concatenates."""
