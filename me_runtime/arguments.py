@@ -136,3 +136,41 @@ def check_max_batch_size(max_batch_size) -> int | None:
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     return max_batch_size
+
+
+def _is_conversation(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def check_prompts(prompts) -> list:
+    """generate()'s prompts: a string, a conversation (a list of {"role", "content"} dicts), or a
+    non-empty list of those; returns the list."""
+    if isinstance(prompts, str) or _is_conversation(prompts):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise TypeError(f"prompts must be a string, a conversation or a non-empty list of them, got {type(prompts).__name__}")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"prompts[{i}] is empty")
+        elif _is_conversation(prompt):
+            for j, message in enumerate(prompt):
+                if not isinstance(message.get("role"), str) or "content" not in message:
+                    raise ValueError(f"prompts[{i}][{j}] must be a message with 'role' and 'content', got {message!r}")
+        else:
+            raise TypeError(f"prompts[{i}] must be a string or a conversation (a list of message dicts), "
+                            f"got {type(prompt).__name__}")
+    return list(prompts)
+
+
+def encode_prompt(tokenizer, prompt, who: str) -> list[int]:
+    """A prompt in a tokenizer's ids: a string with the tokenizer's special tokens (its BOS); a
+    conversation rendered by the tokenizer's chat template (add_generation_prompt=True), whose
+    text already holds the template's special tokens, so none are added again."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"a conversation prompt needs a chat template, but {who} has none "
+                         f"({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__})")
+    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -62,6 +62,8 @@ class Batch:
         self.prompt_lens_dev = torch.tensor(self.prompt_lens, dtype=torch.long, device=device)
         self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
         self.max_new_tokens = max_new_tokens
+        # The most positions (prompt + generated) any row reaches: a preallocated cache's capacity.
+        self.max_positions = self.width + max_new_tokens
         self.device = device
 
     @property

@@ -18,13 +18,16 @@ from dataclasses import dataclass
 import torch
 
 
-from .arguments import check_drafting, check_max_batch_size, check_max_seq_len, check_sampling, check_seeds, check_texts, check_weights, vocab_size
+from .arguments import (check_drafting, check_max_batch_size, check_max_seq_len, check_prompts, check_sampling, check_seeds,
+                        check_texts, check_weights, encode_prompt, vocab_size)
 from .decode import decode
 from .drafting import decode_drafting
 from .hf_engine import HFEngine
 from .memory import estimate as estimate_call_memory
+from .mixed import decode_mixed
 from .stacked_engine import StackedEngine, check_supported
-from .stopping import StopChecker, eos_token_ids, normalize_stop
+from .stopping import ByteStopChecker, StopChecker, eos_token_ids, normalize_stop
+from .vocabularies import UnionVocabulary, eos_ids_of
 from .windows import default_max_length, default_prefix_token_id, rolling_pairs
 
 METHODS = ("me", "ce", "single")
@@ -55,27 +58,39 @@ class Generation:
     accepted: int = 0
 
 
-def _build_engine(engine: str, models, device, vocab_size: int, max_seq_len: int | None):
+def _engine_kind(engine: str, models, max_seq_len: int | None) -> str:
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "auto":
         supported = max_seq_len is not None and all(r is None for r in check_supported(models))
-        engine = "stacked" if supported else "hf"
-    if engine == "stacked":
-        if max_seq_len is None:
-            raise ValueError("engine='stacked' needs max_seq_len (no member's config gives a context length)")
+        return "stacked" if supported else "hf"
+    if engine == "stacked" and max_seq_len is None:
+        raise ValueError("engine='stacked' needs max_seq_len (no member's config gives a context length)")
+    return engine
+
+
+def _build_engine(kind: str, models, device, vocab_size: int, max_seq_len: int | None):
+    if kind == "stacked":
         return StackedEngine(models, device, vocab_size, max_seq_len)
     return HFEngine(models, device, vocab_size)
 
 
+def _same_vocabulary(tokenizers) -> bool:
+    first = tokenizers[0].get_vocab()
+    return all(t is tokenizers[0] or t.get_vocab() == first for t in tokenizers[1:])
+
+
 class Ensemble:
-    """A mixture of Hugging Face causal LMs sharing one vocabulary.
+    """A mixture of Hugging Face causal LMs, sharing one vocabulary or each with its own tokenizer.
 
     Args:
         models: loaded causal LMs (AutoModelForCausalLM-like: forward(input_ids, attention_mask,
             position_ids, past_key_values, use_cache) -> .logits, .past_key_values). Members may
             sit on different devices; sampling happens on the first member's device.
-        tokenizer: shared tokenizer, or None for token-id use (generate_ids / score_ids).
+        tokenizer: shared tokenizer, or None for token-id use (generate_ids / score_ids), or a
+            list with one tokenizer per member. Members whose tokenizers differ exchange text
+            (see "Members with different tokenizers" below); a list of tokenizers with one
+            vocabulary is the shared case.
         weights: mixture weights, one per member, non-negative, not all zero (normalised);
             uniform by default.
         engine: "stacked" (the package's own decoder for Llama / Mistral / Qwen2 / Qwen3 members:
@@ -89,6 +104,15 @@ class Ensemble:
             among the members (no limit when no member's config gives one; the stacked engine then
             needs it). A request that would not fit is refused before any work with a ValueError
             that names the numbers and the member whose context sets the limit.
+
+    Members with different tokenizers (me_runtime/mixed.py, me_runtime/vocabularies.py): the
+    members exchange the byte string of each sampled token (a "piece"); every member reads the
+    prompt in its own encoding, then its own spelling of every emitted piece. ME samples a token
+    from the drawn member and emits its piece; CE mixes the members' distributions over pieces
+    (a union vocabulary) and samples a piece; so both emit the same distribution at temperature 1.
+    generate() works as with one tokenizer (Generation.token_ids then holds union-vocabulary ids,
+    `union_vocabulary.pieces[i]` their bytes; a member's EOS ends the request); generate_ids(),
+    score_ids(), score() and CE by drafting need one vocabulary and raise a ValueError.
     """
 
     def __init__(self, models: Sequence[torch.nn.Module], tokenizer=None, weights=None, *, engine: str = "auto",
@@ -101,21 +125,46 @@ class Ensemble:
             if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
                 raise TypeError(f"models[{i}] must be a Hugging Face causal LM, got {type(model).__name__}")
         vocab = [vocab_size(m) for m in models]
-        if len(set(vocab)) != 1:
+        tokenizers = None
+        if isinstance(tokenizer, (list, tuple)):
+            if len(tokenizer) != len(models):
+                raise ValueError(f"tokenizer has {len(tokenizer)} entries but there are {len(models)} members")
+            for i, tok in enumerate(tokenizer):
+                if tok is None or not callable(getattr(tok, "get_vocab", None)):
+                    raise TypeError(f"tokenizer[{i}] must be a Hugging Face tokenizer, got {type(tok).__name__}")
+            tokenizers = list(tokenizer)
+            tokenizer = tokenizers[0]
+            if len(set(vocab)) == 1 and _same_vocabulary(tokenizers):
+                tokenizers = None  # one vocabulary: the shared case
+        if tokenizers is None and len(set(vocab)) != 1:
             raise ValueError(
-                f"members' vocabularies differ (output sizes {vocab}); heterogeneous vocabularies are "
-                "not supported yet: every member must share one tokenizer and vocabulary"
+                f"members' vocabularies differ (output sizes {vocab}): pass one tokenizer per member "
+                "(tokenizer=[...]) so they can exchange text"
             )
         self.models = list(models)
         for model in self.models:
             model.eval()
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab[0]
         self._weights = check_weights(weights, len(self.models))
         self.device = next(self.models[0].parameters()).device
-        self.eos_token_ids = eos_token_ids(self.models, tokenizer)
         self.max_seq_len, self._limit_reason = check_max_seq_len(max_seq_len, self.models)
-        self._engine = _build_engine(engine, self.models, self.device, self.vocab_size, self.max_seq_len)
+        kind = _engine_kind(engine, self.models, self.max_seq_len)
+        self.tokenizers = tokenizers
+        self.union_vocabulary: UnionVocabulary | None = None
+        if tokenizers is None:  # one vocabulary
+            self.tokenizer = tokenizer
+            self.vocab_size = vocab[0]
+            self.eos_token_ids = eos_token_ids(self.models, tokenizer)
+            self._engine = _build_engine(kind, self.models, self.device, self.vocab_size, self.max_seq_len)
+            self._member_engines = None
+        else:  # members with different tokenizers: one engine per member, a union vocabulary
+            self.tokenizer = None
+            self.vocab_size = None
+            self.eos_token_ids = frozenset()
+            self.union_vocabulary = UnionVocabulary(
+                tokenizers, vocab, [eos_ids_of(m, t) for m, t in zip(self.models, tokenizers)], self.device)
+            self._member_engines = [_build_engine(kind, [m], self.device, v, self.max_seq_len)
+                                    for m, v in zip(self.models, vocab)]
+            self._engine = self._member_engines[0]
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -130,7 +179,8 @@ class Ensemble:
         engine: str = "auto",
         max_seq_len: int | None = None,
     ) -> Ensemble:
-        """Load members with AutoModelForCausalLM (safetensors only) and the shared tokenizer.
+        """Load members with AutoModelForCausalLM (safetensors only) and their tokenizers (one
+        shared tokenizer when their vocabularies agree, else one per member: see Ensemble).
 
         Args:
             paths: one local folder or hub id per member.
@@ -168,11 +218,10 @@ class Ensemble:
             except (OSError, ValueError):
                 tokenizers.append(None)
         known = [t for t in tokenizers if t is not None]
-        if known and any(t.get_vocab() != known[0].get_vocab() for t in known[1:]):
-            raise ValueError(
-                "members' tokenizers have different vocabularies; heterogeneous vocabularies are not "
-                "supported yet"
-            )
+        mixed = known and not _same_vocabulary(known)
+        if mixed and len(known) != len(paths):  # fail before loading any weights
+            missing = [p for p, t in zip(paths, tokenizers) if t is None]
+            raise ValueError(f"members' tokenizers differ, so every member needs its own, but {missing} has none")
         models = []
         for path, dev in zip(paths, devices):
             kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
@@ -182,8 +231,8 @@ class Ensemble:
             if dev is not None:
                 model = model.to(dev)
             models.append(model)
-        return cls(models, tokenizer=known[0] if known else None, weights=weights, engine=engine,
-                   max_seq_len=max_seq_len)
+        tokenizer = tokenizers if mixed else (known[0] if known else None)
+        return cls(models, tokenizer=tokenizer, weights=weights, engine=engine, max_seq_len=max_seq_len)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -205,7 +254,8 @@ class Ensemble:
             for p in model.parameters():
                 st = p.untyped_storage()
                 storages[st.data_ptr()] = st.nbytes()
-        cache = self._engine.cache_bytes if self.engine == "stacked" else None
+        engines = self._member_engines or [self._engine]
+        cache = sum(e.cache_bytes for e in engines) if self.engine == "stacked" else None
         return {"weights": sum(storages.values()), "kv_cache": cache}
 
     def estimate_memory(self, batch_size: int, prompt_len: int, max_new_tokens: int, *, method: str = "me",
@@ -216,6 +266,17 @@ class Ensemble:
         device's free memory and refuses a call that cannot fit (pass max_batch_size)."""
         from .stacked_engine import CHUNK_TOKENS
 
+        if self.tokenizers is not None:  # one engine per member, plus CE's [M, B, U] union logits
+            parts = [estimate_call_memory([model], engine=self.engine, device=self.device, vocab_size=len(to_union),
+                                          batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                                          method=method, max_seq_len=self.max_seq_len, chunk_tokens=CHUNK_TOKENS)
+                     for model, to_union in zip(self.models, self.union_vocabulary.to_union)]
+            total = {key: sum(p[key] for p in parts) for key in parts[0]}
+            if method == "ce":
+                union = 4 * self.num_members * batch_size * self.union_vocabulary.size
+                total["logits"] += union
+                total["total"] += union
+            return total
         return estimate_call_memory(self.models, engine=self.engine, device=self.device, vocab_size=self.vocab_size,
                                     batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                                     method=method, draft_tokens=draft_tokens, max_seq_len=self.max_seq_len,
@@ -259,11 +320,16 @@ class Ensemble:
         return torch.tensor(self._weights, dtype=torch.float32, device=self.device)
 
     # ---------------------------------------------------------------- generation
-    def generate(self, prompts: str | Sequence[str], **options) -> list[Generation]:
-        """Generate a continuation for each text prompt.
+    def generate(self, prompts, **options) -> list[Generation]:
+        """Generate a continuation for each text prompt or conversation.
 
         Args:
-            prompts: a list of non-empty strings (a single string is treated as a list of one).
+            prompts: a list of non-empty strings (a single string is treated as a list of one),
+                or of conversations: a conversation is a list of {"role": ..., "content": ...}
+                messages (a single conversation is treated as a list of one), which each member
+                renders with its own tokenizer's chat template (add_generation_prompt=True); with
+                a shared tokenizer that is one rendering for all. ValueError when a member's
+                tokenizer has no chat template. Strings and conversations may be mixed.
             method: "me" (one member per step, drawn from the weights), "ce" (every member, the
                 mixture sampled), or "single" (member `member` alone).
             max_new_tokens: >= 0.
@@ -301,11 +367,79 @@ class Ensemble:
         Returns:
             one Generation per prompt, in order.
         """
-        if self.tokenizer is None:
+        if self.tokenizer is None and self.tokenizers is None:
             raise ValueError("generate() needs a tokenizer; use generate_ids() for token-id prompts")
-        prompts = check_texts([prompts] if isinstance(prompts, str) else prompts, "prompts")
-        input_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        prompts = check_prompts(prompts)
+        if self.tokenizers is not None:
+            return self._generate_mixed(prompts, **options)
+        input_ids = [encode_prompt(self.tokenizer, p, "the tokenizer") for p in prompts]
         return self.generate_ids(input_ids, **options)
+
+    def _generate_mixed(
+        self, prompts: list, *, method: str = "me", max_new_tokens: int = 128, temperature: float = 1.0,
+        top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed=None, stop=None, selection: str = "independent",
+        member: int = 0, progress: bool = False, draft_tokens: int = 0, draft_member: int | None = None,
+        draft_adaptive: bool = True, truncate: str | None = None, max_batch_size: int | None = None,
+    ) -> list[Generation]:
+        """generate() for members with different tokenizers (me_runtime/mixed.py)."""
+        self._check_method(method, selection, member, max_new_tokens)
+        check_drafting(draft_tokens, draft_member, method, self.num_members)
+        if draft_tokens > 0:
+            raise ValueError("draft_tokens > 0 (CE by drafting) needs members that share one vocabulary; these "
+                             "members have different tokenizers (use method='ce' without drafting)")
+        if not isinstance(draft_adaptive, bool):
+            raise TypeError(f"draft_adaptive must be a bool, got {type(draft_adaptive).__name__}")
+        max_batch_size = check_max_batch_size(max_batch_size)
+        params = check_sampling(temperature, top_k, top_p, min_p)
+        seeds = check_seeds(seed, len(prompts))
+        vocab = self.union_vocabulary
+        stop_checker = ByteStopChecker(normalize_stop(stop), max(len(p) for p in vocab.pieces))
+        member_prompts = []  # [member][request] token ids
+        for m, tok in enumerate(self.tokenizers):
+            ids = [encode_prompt(tok, p, f"member {m}'s tokenizer") for p in prompts]
+            ids = self._truncate(ids, max_new_tokens, truncate)
+            self._check_fits([len(p) + max_new_tokens for p in ids], f"generate (member {m}'s tokens)")
+            member_prompts.append(ids)
+        longest = max(member_prompts, key=lambda ids: max(len(p) for p in ids))
+        self._check_memory(longest, max_new_tokens, method, 0, max_batch_size)
+        step = max_batch_size or len(prompts)
+        results = []
+        with torch.inference_mode():
+            for lo in range(0, len(prompts), step):
+                results += decode_mixed(self._member_engines, vocab, self._weights_tensor(),
+                                        [ids[lo : lo + step] for ids in member_prompts], seeds[lo : lo + step],
+                                        method=method, selection=selection, member=member, params=params,
+                                        max_new_tokens=max_new_tokens, stop_checker=stop_checker,
+                                        max_seq_len=self.max_seq_len, progress=progress)
+        generations = []
+        for res in results:
+            # Bytes to text: a piece sequence may end inside a UTF-8 character (U+FFFD then).
+            text = bytes(res.data).decode("utf-8", errors="replace")
+            if res.finish_reason == "stop":
+                text = stop_checker.truncate(text)
+            generations.append(Generation(text, res.token_ids, res.members, res.finish_reason))
+        return generations
+
+    def _check_method(self, method: str, selection: str, member: int, max_new_tokens: int) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if isinstance(member, bool) or not isinstance(member, int):
+            raise TypeError(f"member must be an int, got {type(member).__name__}")
+        if not 0 <= member < self.num_members:
+            raise ValueError(f"member must be in [0, {self.num_members}), got {member}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+    def _refuse_mixed(self, what: str) -> None:
+        if self.tokenizers is not None:
+            raise ValueError(
+                f"{what} needs members that share one vocabulary; these members have different tokenizers "
+                "(use generate() with text prompts)"
+            )
 
     def generate_ids(
         self,
@@ -330,19 +464,9 @@ class Ensemble:
     ) -> list[Generation]:
         """Like generate(), for prompts given as lists of token ids (no tokenizer needed, except
         for `stop` strings). Generation.text is None without a tokenizer."""
+        self._refuse_mixed("generate_ids()")
         prompts = self._check_ids(input_ids, "input_ids", allow_empty=False)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if isinstance(member, bool) or not isinstance(member, int):
-            raise TypeError(f"member must be an int, got {type(member).__name__}")
-        if not 0 <= member < self.num_members:
-            raise ValueError(f"member must be in [0, {self.num_members}), got {member}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        self._check_method(method, selection, member, max_new_tokens)
         check_drafting(draft_tokens, draft_member, method, self.num_members)
         max_batch_size = check_max_batch_size(max_batch_size)
         prompts = self._truncate(prompts, max_new_tokens, truncate)
@@ -388,6 +512,13 @@ class Ensemble:
         The prompt is encoded with the tokenizer's special tokens (BOS), the continuation
         without, and the two are concatenated. An empty continuation scores 0.0.
         """
+        if self.tokenizers is not None:
+            raise ValueError(
+                "score() is not available for members with different tokenizers: under the text exchange the "
+                "mixture's probability of a continuation is a sum over every way of splitting it into pieces, "
+                "each way giving the members different contexts (exponentially many), and no single "
+                "tokenization's likelihood is that probability; score with members that share a vocabulary"
+            )
         if self.tokenizer is None:
             raise ValueError("score() needs a tokenizer; use score_ids() for token ids")
         prompts = check_texts(prompts, "prompts")
@@ -410,6 +541,7 @@ class Ensemble:
             CE decoding from the prompt would produce the continuation. An empty continuation
             is greedy. This is what lm-evaluation-harness' loglikelihood returns.
         """
+        self._refuse_mixed("score_ids()")
         if not isinstance(with_greedy, bool):
             raise TypeError(f"with_greedy must be a bool, got {type(with_greedy).__name__}")
         prompts = self._check_ids(prompt_ids, "prompt_ids", allow_empty=False)
@@ -455,6 +587,7 @@ class Ensemble:
         Returns:
             one float per sequence: sum over its tokens of log sum_m w_m p_m(token | context).
         """
+        self._refuse_mixed("score_rolling_ids()")
         sequences = self._check_ids(token_ids, "token_ids", allow_empty=False)
         if max_length is None:  # the members' context, within max_seq_len
             max_length = self.max_seq_len if self.max_seq_len is not None else default_max_length(self.models)
@@ -480,6 +613,7 @@ class Ensemble:
     def score_rolling(self, texts: Sequence[str], *, max_length: int | None = None, min_context: int = 1) -> list[float]:
         """score_rolling_ids() for strings: each non-empty text is encoded without special tokens
         and scored whole after the tokenizer's BOS token."""
+        self._refuse_mixed("score_rolling()")
         if self.tokenizer is None:
             raise ValueError("score_rolling() needs a tokenizer; use score_rolling_ids() for token ids")
         texts = check_texts(texts, "texts")
@@ -536,5 +670,6 @@ class Ensemble:
 
     def __repr__(self) -> str:
         names = [type(m).__name__ for m in self.models]
+        mixed = ", tokenizers='per member'" if self.tokenizers is not None else ""
         return (f"Ensemble(members={names}, weights={[round(w, 4) for w in self._weights]}, device={self.device}, "
-                f"engine={self.engine!r})")
+                f"engine={self.engine!r}{mixed})")

@@ -191,6 +191,11 @@ class HFEngine:
             logits = member_logits if logits is None else torch.where((members == m)[:, None], member_logits, logits)
         return logits
 
+    def rows_logits(self, batch: Batch, t, member: int, rows: torch.Tensor, rows_host: list[int]) -> torch.Tensor:
+        """Member `member`'s next-token logits [N, V] for the given rows (int64 [N] on the sampling
+        device): the member catches every row up (see the module docstring), these are kept."""
+        return self.runners[member].catch_up(batch, t).index_select(0, rows)
+
     def all_member_logits(self, batch: Batch, t: int) -> torch.Tensor:
         """Every member's next-token logits [M, B, V] (the CE step)."""
         return torch.stack([runner.catch_up(batch, t) for runner in self.runners])

@@ -218,8 +218,8 @@ class StackedEngine:
     # ---------------------------------------------------------------- per-call state
     def begin(self, batch: Batch) -> None:
         """Preallocate every group's cache for this batch (slots = rows, capacity = the longest
-        prompt + max_new_tokens)."""
-        need = max(batch.prompt_lens) + batch.max_new_tokens
+        prompt + max_new_tokens: batch.max_positions)."""
+        need = batch.max_positions
         self._allocate(batch.size, need, graphs=True)
 
     def _allocate(self, slots: int, capacity: int, *, graphs: bool = False) -> None:
@@ -281,6 +281,12 @@ class StackedEngine:
 
     def all_member_logits(self, batch: Batch, t: int) -> torch.Tensor:
         return self.span_logits(batch, t, 1)
+
+    def rows_logits(self, batch: Batch, t, member: int, rows: torch.Tensor, rows_host: list[int]) -> torch.Tensor:
+        """Catch member `member` up on the given rows only (rows int64 [N] on the sampling device,
+        and the same indices on the host); float32 logits [N, V] of each row's next token."""
+        members = torch.full_like(rows, member)
+        return self._catch_up(self.member_group[member], batch, t, rows, members, rows_host, [member] * len(rows_host))
 
     def span_logits(self, batch: Batch, t: int, span: int) -> torch.Tensor:
         """Every member's logits predicting generated tokens t - span + 1 .. t: [M, B, V] for span

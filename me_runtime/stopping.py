@@ -61,3 +61,25 @@ class StopChecker:
         """The text up to (not including) the earliest stop string."""
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         return text if cut < 0 else text[:cut]
+
+
+class ByteStopChecker:
+    """Stop strings searched in the emitted bytes (members with different tokenizers, whose output
+    is a sequence of byte pieces). Only the tail that a new piece can complete a stop string in is
+    searched each step."""
+
+    def __init__(self, stop: tuple[str, ...], longest_piece: int):
+        self.stop = stop
+        self.needles = [s.encode("utf-8") for s in stop]
+        self.window = max((len(n) for n in self.needles), default=0) + longest_piece
+
+    def hit(self, data: bytearray) -> bool:
+        if not self.needles:
+            return False
+        tail = bytes(data[-self.window :])
+        return any(n in tail for n in self.needles)
+
+    def truncate(self, text: str) -> str:
+        """The text up to (not including) the earliest stop string."""
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        return text if cut < 0 else text[:cut]

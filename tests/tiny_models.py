@@ -95,3 +95,53 @@ def next_token_probs(model: torch.nn.Module, prefix: list[int]) -> torch.Tensor:
     """p_model(. | prefix) in float64, by a plain full forward (no cache, no padding)."""
     logits = model(input_ids=torch.tensor([prefix])).logits[0, -1]
     return torch.softmax(logits.double(), dim=-1)
+
+
+# A small corpus both test tokenizers learn their merges from (code and prose, some non-ASCII).
+TOKENIZER_CORPUS = [
+    "the cat sat on the mat. the dog sat on the log. then the cat ran to the dog.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "naïve café: the café is near the river; über alles, déjà vu.",
+    "she said hello, and he said hello there. they talked and talked.",
+]
+
+
+def byte_level_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE (every byte a token, "Ġ" for a space): <s>=0, </s>=1 (EOS),
+    the 256 byte tokens, then merges learned from TOKENIZER_CORPUS up to vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TOKENIZER_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def sentencepiece_style_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A Llama-2-style BPE ("▁" for a space, a dummy prefix, byte fallback): <unk>=0, <s>=1,
+    </s>=2 (EOS), the byte tokens <0x00>..<0xFF> (ids 3..258), then characters and merges
+    learned from TOKENIZER_CORPUS up to vocab_size. Encoding prepends <s>."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 259, min_frequency=2, show_progress=False)
+    learner.train_from_iterator(TOKENIZER_CORPUS * 4, trainer)
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
