@@ -53,8 +53,8 @@ def _quiet(model, token_ids):
 @pytest.fixture(scope="module")
 def members(tokenizers):
     a, b = tokenizers
-    return [tiny_member("llama", len(a), seed=3, sharpness=4.0, eos_token_id=a.eos_token_id),
-            tiny_member("llama", len(b), seed=4, sharpness=4.0, eos_token_id=b.eos_token_id)]
+    return [tiny_member("llama", len(a), seed=3, sharpness=30.0, eos_token_id=a.eos_token_id),
+            tiny_member("llama", len(b), seed=4, sharpness=30.0, eos_token_id=b.eos_token_id)]
 
 
 def _ensemble(members, tokenizers, engine, weights=WEIGHTS):
@@ -235,7 +235,7 @@ def test_all_weight_on_member_0_is_member_0_alone(tokenizers, members, engine):
     """ME with weights [1, 0] emits member 0's own tokens: the same text as member 0 decoding
     alone (its special tokens made impossible: the mixed process never samples them)."""
     a = tokenizers[0]
-    alone_model = _quiet(tiny_member("llama", len(a), seed=3, sharpness=4.0, eos_token_id=a.eos_token_id), [a.bos_token_id])
+    alone_model = _quiet(tiny_member("llama", len(a), seed=3, sharpness=30.0, eos_token_id=a.eos_token_id), [a.bos_token_id])
     mixed = Ensemble([alone_model, members[1]], tokenizer=tokenizers, weights=[1.0, 0.0], engine=engine)
     alone = Ensemble([alone_model], tokenizer=a, engine=engine)
     prompts = ["the cat", "def add(a, b):\n", "naïve"]
@@ -312,8 +312,8 @@ def test_stop_string_across_members(tokenizers, members, engine):
 @pytest.mark.parametrize("method", ["me", "ce"])
 def test_eos_of_either_member_ends_the_request(tokenizers, engine, method):
     a, b = tokenizers
-    ma = tiny_member("llama", len(a), seed=3, sharpness=4.0, eos_token_id=a.eos_token_id)
-    mb = tiny_member("llama", len(b), seed=4, sharpness=4.0, eos_token_id=b.eos_token_id)
+    ma = tiny_member("llama", len(a), seed=3, sharpness=30.0, eos_token_id=a.eos_token_id)
+    mb = tiny_member("llama", len(b), seed=4, sharpness=30.0, eos_token_id=b.eos_token_id)
     with torch.no_grad():  # member 1 says EOS (its id 2; member 0's EOS is id 1) almost surely
         mb.lm_head.weight[b.eos_token_id] = mb.lm_head.weight.abs().max() * 50 * torch.sign(mb.lm_head.weight[0] + 1e-9)
     ens = Ensemble([ma, mb], tokenizer=tokenizers, weights=[0.5, 0.5], engine=engine)
