@@ -3,6 +3,7 @@
     me-generate                                   # the two demo members shipped with the package
     me-generate --compare                         # ... and the same prompt/seed with CE, for speed
     me-generate --model A --model B --weights 0.7 0.3 --prompt "def add(a, b):" --method me
+    me-generate --demo-mixed                      # three demo members, one with its own tokenizer
 
 Prints the generated text, the member that produced each token, and tokens/s.
 """
@@ -23,6 +24,8 @@ _RESET = "\033[0m"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="me-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", metavar="PATH", help="a member (repeat for each); default: the demo members")
+    p.add_argument("--demo-mixed", action="store_true",
+                   help="the demo members code, prose and blend (blend has its own tokenizer: members exchange text)")
     p.add_argument("--weights", type=float, nargs="+", help="mixture weights, one per member (default: uniform)")
     p.add_argument("--prompt", default=None, help="prompt text (default: a short code-and-prose prompt)")
     p.add_argument("--method", choices=("me", "ce", "single"), default="me")
@@ -56,15 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def format_trace(tokenizer, token_ids: list[int], members: list[int], color: bool) -> str:
-    """The generated text split into runs of tokens from one member: coloured by member on a
-    terminal, else as [m|text] segments."""
+def text_of(ens):
+    """ids of a Generation -> text: the shared tokenizer's decode, or for members with different
+    tokenizers the emitted pieces' bytes (union-vocabulary ids)."""
+    if ens.union_vocabulary is None:
+        return lambda ids: ens.tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = ens.union_vocabulary.pieces
+    return lambda ids: b"".join(pieces[u] for u in ids).decode("utf-8", errors="replace")
+
+
+def format_trace(decode, token_ids: list[int], members: list[int], color: bool) -> str:
+    """The generated text split into runs of tokens from one member (decode: ids -> text):
+    coloured by member on a terminal, else as [m|text] segments."""
     if not token_ids:
         return ""
     pieces, start = [], 0
     for i in range(1, len(token_ids) + 1):
         if i == len(token_ids) or members[i] != members[start]:
-            text = tokenizer.decode(token_ids[start:i], skip_special_tokens=True)
+            text = decode(token_ids[start:i])
             m = members[start]
             if color:
                 pieces.append(f"{_COLORS[m % len(_COLORS)]}{text}{_RESET}")
@@ -108,7 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     paths = args.model
     weights = args.weights
     threads = args.threads
-    if not paths:
+    if args.demo_mixed and paths:
+        print("me-generate: --demo-mixed and --model exclude each other", file=sys.stderr)
+        return 2
+    if args.demo_mixed:
+        from .demo import ALL_MEMBER_NAMES, demo_member
+
+        paths = [demo_member(name) for name in ALL_MEMBER_NAMES]
+        threads = threads or 1
+        if args.temperature is None:
+            args.temperature = 0.7
+        print("me-generate: demo members (code, prose: one tokenizer; blend: its own, so members exchange text): "
+              + ", ".join(os.path.relpath(p) for p in paths))
+    elif not paths:
         from . import demo_members
 
         paths = demo_members()
@@ -147,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in range(ens.num_members)
         )
         print(f"--- member trace ({legend})")
-        print(format_trace(ens.tokenizer, gen.token_ids, gen.members, color))
+        print(format_trace(text_of(ens), gen.token_ids, gen.members, color))
         counts = [gen.members.count(m) for m in range(ens.num_members)]
         print("--- tokens per member: " + ", ".join(f"{m}: {c}" for m, c in enumerate(counts)))
     if gen.drafted:
@@ -162,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         ce_gen, ce_tps = _timed_generate(ens, prompt, plain, "ce")
         print(f"--- ce ({len(ce_gen.token_ids)} tokens, same prompt and seed)\n{prompt}{ce_gen.text}")
         print(f"--- speed: {args.method} {tps:.1f} tokens/s vs ce {ce_tps:.1f} tokens/s ({tps / ce_tps:.2f}x)")
-    if not args.model and not args.no_score:
+    if ens.union_vocabulary is not None:
+        v = ens.union_vocabulary
+        print(f"--- tokenizers: one per member (union vocabulary {v.size:,} pieces; a piece costs member m up to "
+              f"{v.longest_spelling} tokens); 'tokens' above are pieces")
+    if not args.model and not args.demo_mixed and not args.no_score:
         from .demo.scores import compare, excerpt_sizes
 
         sizes = excerpt_sizes(ens.tokenizer)

@@ -185,6 +185,12 @@ class EnsembleLM(TemplateLM):
         super().__init__()
         if not isinstance(ensemble, Ensemble):
             raise TypeError(f"ensemble must be a me_runtime.Ensemble, got {type(ensemble).__name__}")
+        if getattr(ensemble, "tokenizers", None) is not None:
+            raise ValueError(
+                "EnsembleLM needs members that share one tokenizer: lm-eval's loglikelihood requests need the exact "
+                "mixture likelihood of a continuation, which members with different tokenizers do not define "
+                "(Ensemble.score explains why); evaluate such ensembles' generations with Ensemble.generate"
+            )
         if ensemble.tokenizer is None:
             raise ValueError("EnsembleLM needs an Ensemble with a tokenizer (lm-eval requests are text)")
         if method not in HARNESS_METHODS:

@@ -480,3 +480,11 @@ def test_mixed_on_the_triton_kernels(tokenizers, members, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     compiled = {m: [g.token_ids for g in ens.generate(prompts, method=m, max_new_tokens=4, seed=1)] for m in ("me", "ce")}
     assert interpreted == compiled
+
+
+def test_lm_eval_adapter_refuses_mixed_tokenizers(tokenizers, members):
+    pytest.importorskip("lm_eval")
+    from me_runtime.harness import EnsembleLM
+
+    with pytest.raises(ValueError, match="share one tokenizer"):
+        EnsembleLM(_ensemble(members, tokenizers, "stacked"))
