@@ -149,6 +149,8 @@ setup(
         "bench": ["pytest-benchmark", "matplotlib"],
         # me_runtime.harness / me-eval: evaluate ensembles with lm-evaluation-harness
         "eval": ["lm-eval>=0.4.8"],
+        # from_pretrained(..., placement="ray"): members in Ray actors (me_runtime/ray_placement.py)
+        "ray": ["ray>=2.9"],
     },
     entry_points={"console_scripts": ["me-generate=me_runtime.cli:main", "me-eval=me_runtime.harness:main"]},
     zip_safe=False,
