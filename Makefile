@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -c .ci/constraints.txt setuptools wheel ninja pybind11
-	$(PIP) install -c .ci/constraints.txt --no-build-isolation -e ".[test,bench,eval,ray]"
+	$(PIP) install -c .ci/constraints.txt --no-build-isolation -e ".[test,bench,eval,ray,multigpu]"
 
 # The main job on the embedded default: ME over the two demo members shipped in the package.
 demo: setup

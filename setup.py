@@ -151,6 +151,8 @@ setup(
         "eval": ["lm-eval>=0.4.8"],
         # from_pretrained(..., placement="ray"): members in Ray actors (me_runtime/ray_placement.py)
         "ray": ["ray>=2.9"],
+        # from_pretrained(..., device="auto"): a member sharded over several GPUs (accelerate's device maps)
+        "multigpu": ["accelerate>=0.26"],
     },
     entry_points={"console_scripts": ["me-generate=me_runtime.cli:main", "me-eval=me_runtime.harness:main"]},
     zip_safe=False,
