@@ -488,3 +488,46 @@ def test_lm_eval_adapter_refuses_mixed_tokenizers(tokenizers, members):
 
     with pytest.raises(ValueError, match="share one tokenizer"):
         EnsembleLM(_ensemble(members, tokenizers, "stacked"))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shared_selection_draws_one_member_per_step_for_the_batch(tokenizers, members, engine):
+    ens = _ensemble(members, tokenizers, engine)
+    outs = ens.generate(["the cat", "x", "naïve café"], method="me", selection="shared", max_new_tokens=10, seed=[1, 2, 3])
+    steps = min(len(o.members) for o in outs)
+    for t in range(steps):
+        assert len({o.members[t] for o in outs}) == 1
+    assert len({m for o in outs for m in o.members}) == 2  # both members drawn over the steps
+    # the first request's draws follow its own seed, as with one vocabulary
+    alone = ens.generate(["the cat"], method="me", selection="shared", max_new_tokens=10, seed=[1])[0]
+    assert alone.members[:steps] == outs[0].members[:steps]
+
+
+def test_the_exchange_device_work_has_no_host_sync(tokenizers, members):
+    """A step's device part for mixed tokenizers (masking, the union projection, CE's mixture draw,
+    the token -> piece map and every member's spelling append) compiles with fullgraph=True: no
+    data-dependent shape, no host synchronisation (the step's one host transfer is outside)."""
+    import me_kernels
+
+    vocab = _ensemble(members, tokenizers, "stacked").union_vocabulary
+    weights = torch.tensor(WEIGHTS)
+
+    def step(logits_a, logits_b, seeds, gen, buf):
+        union_logits = torch.stack([vocab.union_logits(0, vocab.masked_logits(0, logits_a)),
+                                    vocab.union_logits(1, vocab.masked_logits(1, logits_b))])
+        union = me_kernels.mixture_sample(union_logits, weights, seed=seeds, offset=3)
+        tokens = me_kernels.sample(vocab.masked_logits(1, logits_b), seed=seeds, offset=3)
+        union_me = vocab.to_union[1][tokens.clamp(min=0)]
+        spelled = vocab.spell(0, union.clamp(min=0), vocab.longest_spelling[0])
+        cols = gen[:, None] + torch.arange(spelled.shape[1])[None, :]
+        buf = buf.scatter(1, cols, spelled)
+        offsets = vocab.spelling_offsets[0]
+        return union, union_me, buf, gen + offsets[union.clamp(min=0) + 1] - offsets[union.clamp(min=0)]
+
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(4, len(tokenizers[0]), generator=gen), torch.randn(4, len(tokenizers[1]), generator=gen),
+            torch.arange(4), torch.tensor([0, 2, 1, 5]), torch.zeros(4, 64, dtype=torch.long))
+    eager = step(*args)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    for e, c in zip(eager, compiled):
+        assert torch.equal(e, c)
