@@ -150,12 +150,17 @@ class MemberRunner:
         if holed and self.hole_limit is not None and total > self.hole_limit:
             raise ValueError(
                 f"the hf engine cannot catch {self.name} up on rows that hold different numbers of tokens here: "
-                f"{self.hole_reason} (this step would span {total}). Rows in lock-step (one int t) work."
+                f"{self.hole_reason} (this step would span {total}). Generations whose rows stay at one count (int t) "
+                "work."
             )
 
         steps = torch.arange(new, device=self.device)
-        first = targets_dev - new  # row b's token index at the block's first column (< seen: padding)
-        positions = (first[:, None] + steps[None, :]).clamp_(min=0)
+        if min(pending) == new:  # no padding in the block (lock-step): the positions follow what was read
+            first = self.seen_dev  # row b's token index at the block's first column
+            positions = first[:, None] + steps[None, :]
+        else:
+            first = targets_dev - new  # (< seen: padding)
+            positions = (first[:, None] + steps[None, :]).clamp_(min=0)
         starts = {batch.width - n0 + n - new for n0, n in zip(batch.prompt_lens, targets)}
         if len(starts) == 1:  # every row's block starts at one column of batch.tokens: a slice
             start = starts.pop()
