@@ -9,12 +9,11 @@ import random
 
 import pytest
 import torch
+from tiny_models import other_architecture_members, tiny_member
 
 from me_runtime import Ensemble
 from me_runtime.decode import Batch, RowPositions
 from me_runtime.hf_engine import HFEngine, MemberRunner
-
-from tiny_models import other_architecture_members, tiny_member
 
 V = 12
 CPU = torch.device("cpu")
@@ -26,10 +25,14 @@ def compiled_cpu_kernels(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
+# members of other architectures: learned positions (GPT-2), q/k norms (Qwen3), fused projections (Phi-3)
+OTHER_KINDS = {"gpt2": "gpt2-learned-positions", "qwen3": "qwen3", "phi3": "phi3"}
+
+
 def _member(kind: str) -> MemberRunner:
     """A MemberRunner over a random tiny member of one attention / position kind."""
-    if kind == "gpt2":
-        model = other_architecture_members("gpt2-learned-positions", 1, vocab_size=V)[0]
+    if kind in OTHER_KINDS:
+        model = other_architecture_members(OTHER_KINDS[kind], 1, vocab_size=V)[0]
     else:
         model = tiny_member("llama", V, seed=7, sharpness=3.0)
         if kind == "llama-eager":
@@ -37,8 +40,8 @@ def _member(kind: str) -> MemberRunner:
     runner = MemberRunner(model, CPU)
     if kind == "llama-2d-mask":
         runner.mask_kind = "2d"  # the path of attention kernels that take transformers' 2D mask
-    expected = {"llama-sdpa": "4d-bool", "llama-eager": "4d-float", "llama-2d-mask": "2d", "gpt2": "4d-bool"}[kind]
-    assert runner.mask_kind == expected
+    assert runner.mask_kind == {"llama-eager": "4d-float", "llama-2d-mask": "2d"}.get(kind, "4d-bool")
+    assert runner.hole_limit is None
     return runner
 
 
@@ -73,13 +76,13 @@ def _assert_rows_fresh(runner: MemberRunner, batch: Batch, logits: torch.Tensor,
     assert logits.shape == ((batch.size, V) if span == 1 else (batch.size, span, V))
     for row in range(batch.size):
         want = _fresh_logits(runner.model, _row_tokens(batch, row, counts[row]), span)
-        torch.testing.assert_close(logits[row], want, atol=1e-4, rtol=1e-4, msg=lambda m: f"row {row}: {m}")
+        torch.testing.assert_close(logits[row], want, atol=1e-4, rtol=1e-4, msg=lambda m, row=row: f"row {row}: {m}")
 
 
 KINDS = ["llama-sdpa", "llama-eager", "llama-2d-mask", "gpt2"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["qwen3", "phi3"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ragged_catch_ups_equal_fresh_forwards(kind, seed):
     """Several steps in a row, each row reading its own random number of new tokens (zero too: a
