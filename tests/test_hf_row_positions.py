@@ -9,11 +9,12 @@ import random
 
 import pytest
 import torch
-from tiny_models import other_architecture_members, tiny_member
 
 from me_runtime import Ensemble
 from me_runtime.decode import Batch, RowPositions
 from me_runtime.hf_engine import HFEngine, MemberRunner
+
+from tiny_models import other_architecture_members, tiny_member
 
 V = 12
 CPU = torch.device("cpu")
