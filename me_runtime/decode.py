@@ -110,16 +110,21 @@ class Engine(Protocol):
 
     name: str  # "hf" | "stacked"
     num_members: int
-    per_row_positions: bool  # member_logits / span_logits / rollback accept RowPositions for t
+    # True: rows may sit at different generated counts: member_logits / all_member_logits /
+    # span_logits / rollback take t as RowPositions (or an int for every row), exactly, for any
+    # counts. False: keep rows in lock-step (the hf engine with a member whose cache cannot hold
+    # holes: its steps take RowPositions too, but ragged counts may raise ValueError).
+    per_row_positions: bool
 
     def begin(self, batch: Batch) -> None:
         """Allocate the per-call state (caches) for this batch."""
 
-    def member_logits(self, batch: Batch, t: int, members: torch.Tensor, members_host: list[int]) -> torch.Tensor:
-        """Catch each row's member `members[b]` up on the row's tokens before step t; return the
-        float logits [B, V] of each row's next token under its member, on the sampling device."""
+    def member_logits(self, batch: Batch, t, members: torch.Tensor, members_host: list[int]) -> torch.Tensor:
+        """Catch each row's member `members[b]` up on the row's tokens before step t (an int, or
+        RowPositions: t_b for row b); return the float logits [B, V] of each row's next token
+        under its member, on the sampling device."""
 
-    def all_member_logits(self, batch: Batch, t: int) -> torch.Tensor:
+    def all_member_logits(self, batch: Batch, t) -> torch.Tensor:
         """The same for every member and row: [M, B, V]."""
 
     def span_logits(self, batch: Batch, t, span: int) -> torch.Tensor:

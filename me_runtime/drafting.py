@@ -26,12 +26,13 @@ outcome depends only on the prefix and those numbers. The last position of a rou
 drafted, not drawn from the mixture directly (the usual "bonus" token): a round that ends there
 and a round that drafts through it give the same token.
 
-Rows keep their own positions on the stacked engine (its steps take a generated count per row):
-each row emits its own accepted run and the token after it every round. The hf engine keeps
-every row of a member's cache at one length, so there the rows advance in lock-step: a round
-emits the fewest tokens any row got for every row (a row that accepted more re-derives the same
-tokens next round, by the keying above). KV caches and read counts are rolled back exactly to the
-emitted tokens (`Engine.rollback`).
+Rows keep their own positions on engines whose steps take a generated count per row
+(`Engine.per_row_positions`: the stacked engine, and the hf engine unless a member has sliding-
+window or recurrent layers, whose caches cannot hold the holes that rows at different positions
+leave): each row emits its own accepted run and the token after it every round. Otherwise the
+rows advance in lock-step: a round emits the fewest tokens any row got for every row (a row that
+accepted more re-derives the same tokens next round, by the keying above). KV caches and read
+counts are rolled back exactly to the emitted tokens (`Engine.rollback`).
 
 Cost model, in member forwards (memory-bound decode: a forward over a few tokens costs about one
 over one token): a round costs D draft forwards (one member each at batch 1) + one verification
@@ -130,8 +131,9 @@ class DraftingDecoder(Decoder):
     """A Decoder whose rounds draft with ME and verify against CE (see the module docstring).
 
     Rows keep their own generated counts (`gen`): on an engine with per-row positions (the
-    stacked engine) each row emits its own accepted run every round; otherwise the rows advance in
-    lock-step (every row emits the fewest tokens any row got, and re-derives the rest)."""
+    stacked engine; the hf engine unless a member's cache cannot hold holes) each row emits its
+    own accepted run every round; otherwise the rows advance in lock-step (every row emits the
+    fewest tokens any row got, and re-derives the rest)."""
 
     def __init__(self, engine, weights: torch.Tensor, batch: Batch, *, params, draft_tokens: int,
                  draft_member: int | None, max_new_tokens: int, adaptive: bool = True):

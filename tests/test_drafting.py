@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from me_runtime import Ensemble
-from me_runtime.decode import Batch
+from me_runtime.decode import Batch, RowPositions
 from me_runtime.drafting import DraftController, DraftingDecoder
 from me_runtime.stacked_engine import StackedEngine
 from me_kernels import SamplingParams
@@ -147,11 +147,16 @@ def test_drafting_on_the_triton_kernels(members, params, monkeypatch):
 
 
 def test_both_engines_give_the_same_tokens(members):
+    """Both engines keep each row's own position (rows accept different runs), and agree."""
     opts = dict(method="ce", temperature=0.9, top_k=4, max_new_tokens=10, seed=3, draft_tokens=2)
-    prompts = [[1, 2, 3], [4, 5]]
-    hf = _ensemble(members, "hf").generate_ids(prompts, **opts)
+    prompts = [[1, 2, 3], [4, 5], [0], [5, 4, 3, 2]]
+    hf_ens = _ensemble(members, "hf")
+    assert hf_ens._engine.per_row_positions
+    hf = hf_ens.generate_ids(prompts, **opts)
     st = _ensemble(members, "stacked").generate_ids(prompts, **opts)
     assert [g.token_ids for g in hf] == [g.token_ids for g in st]
+    assert [(g.drafted, g.accepted) for g in hf] == [(g.drafted, g.accepted) for g in st]
+    assert len({(g.drafted, g.accepted) for g in hf}) > 1, "every row accepted alike: no per-row positions exercised"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -187,18 +192,34 @@ def _run_rounds(ens, prompts, rounds, **params):
     return engine, batch, dec
 
 
+def _row_columns(runner, row: int) -> list[int]:
+    """The cache columns that hold row `row`'s tokens, in order (hf engine)."""
+    if runner.runs is None:
+        return list(range(runner.cache_len - runner.seen[row], runner.cache_len))
+    return [c for start, stop in runner.runs[row] for c in range(start, stop)]
+
+
 @torch.no_grad()
 def test_rollback_hf_caches_equal_a_fresh_recompute(members):
+    """Each row of each member's cache holds exactly the keys / values of the tokens it claims
+    to have read (rows at their own positions: compared row by row, column by column)."""
     ens = _ensemble(members, "hf")
     with torch.inference_mode():
         engine, batch, dec = _run_rounds(ens, [[1, 2, 3], [4, 5]], 4)
+        assert dec.gen[0] != dec.gen[1], "rows in lock-step: the test would not exercise per-row rollbacks"
         for runner in engine.runners:
             fresh = type(runner)(runner.model, batch.device)
-            fresh.catch_up(batch, runner.consumed)
-            assert fresh.cache_len == runner.cache_len
-            for got, want in zip(runner.cache.layers, fresh.cache.layers):
-                torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
+            read = [s - n for s, n in zip(runner.seen, batch.prompt_lens)]
+            fresh.catch_up(batch, RowPositions(read, torch.tensor(read)))
+            assert fresh.seen == runner.seen
+            for row in range(batch.size):
+                got_cols, want_cols = _row_columns(runner, row), _row_columns(fresh, row)
+                assert len(got_cols) == len(want_cols) == runner.seen[row]
+                for got, want in zip(runner.cache.layers, fresh.cache.layers):
+                    torch.testing.assert_close(got.keys[row, :, got_cols], want.keys[row, :, want_cols], rtol=1e-5,
+                                               atol=1e-5)
+                    torch.testing.assert_close(got.values[row, :, got_cols], want.values[row, :, want_cols],
+                                               rtol=1e-5, atol=1e-5)
         engine.end()
 
 
@@ -353,9 +374,8 @@ def test_chunked_verification_reads_long_prompts_in_chunks(members, monkeypatch)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_rows_keep_their_own_positions_on_the_stacked_engine(members, engine):
-    """Stacked engine: each row emits its own accepted run (rows reach different positions);
-    hf engine: lock-step (every row at the same position after every round)."""
+def test_rows_keep_their_own_positions_on_both_engines(members, engine):
+    """Each row emits its own accepted run (rows reach different positions), on both engines."""
     ens = _ensemble(members, engine)
     with torch.inference_mode():
         batch = Batch([[1, 2, 3], [4, 5], [0]], [1, 2, 3], 24, torch.device("cpu"))
@@ -368,4 +388,22 @@ def test_rows_keep_their_own_positions_on_the_stacked_engine(members, engine):
             dec.round()
             spreads.append(max(dec.gen) - min(dec.gen))
         ens._engine.end()
-    assert (max(spreads) > 0) == (engine == "stacked"), spreads
+    assert max(spreads) > 0, spreads
+
+
+@pytest.mark.parametrize("name", ["mistral-sliding-window", "gemma2-hybrid-sliding"])
+def test_hf_rows_advance_in_lock_step_with_sliding_window_members(name):
+    """Members whose caches cannot hold holes past a window: drafting keeps every row at one
+    position (every round emits the fewest tokens any row got)."""
+    ens = Ensemble(other_architecture_members(name), engine="hf")
+    assert not ens._engine.per_row_positions
+    with torch.inference_mode():
+        batch = Batch([[1, 2, 3], [4, 5], [0]], [1, 2, 3], 24, torch.device("cpu"))
+        dec = DraftingDecoder(ens._engine, ens._weights_tensor(), batch, params=SamplingParams(), draft_tokens=3,
+                              draft_member=None, max_new_tokens=24, adaptive=False)
+        dec.first_members()
+        ens._engine.begin(batch)
+        for _ in range(4):
+            dec.round()
+            assert max(dec.gen) == min(dec.gen) > 0
+        ens._engine.end()
