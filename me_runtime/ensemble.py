@@ -164,6 +164,13 @@ class Ensemble:
                 tokenizers, vocab, [eos_ids_of(m, t) for m, t in zip(self.models, tokenizers)], self.device)
             self._member_engines = [_build_engine(kind, [m], self.device, v, self.max_seq_len)
                                     for m, v in zip(self.models, vocab)]
+            for i, eng in enumerate(self._member_engines):
+                if not eng.per_row_positions:  # each member's rows grow by different token counts
+                    raise ValueError(
+                        f"member {i} cannot read token streams whose rows grow by different numbers of tokens on "
+                        f"the {kind} engine (sliding-window or recurrent layers past their window), which members "
+                        "with different tokenizers need; use engine='stacked' if it supports the member"
+                    )
             self._engine = self._member_engines[0]
 
     # ---------------------------------------------------------------- construction

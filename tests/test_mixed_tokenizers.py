@@ -531,3 +531,30 @@ def test_the_exchange_device_work_has_no_host_sync(tokenizers, members):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
     for e, c in zip(eager, compiled):
         assert torch.equal(e, c)
+
+
+def test_hf_members_without_ragged_rows_are_refused_at_construction(tokenizers):
+    """A sliding-window member on the hf engine cannot take rows of different lengths past its
+    window: refused when the Ensemble is built, not in the middle of a generation."""
+    from tiny_models import other_architecture_members
+
+    a, b = tokenizers
+    window = other_architecture_members("mistral-sliding-window", count=1, vocab_size=len(a))[0]
+    with pytest.raises(ValueError, match="member 0 cannot read token streams"):
+        Ensemble([window, tiny_member("llama", len(b), seed=1)], tokenizer=[a, b], engine="hf")
+
+
+@pytest.mark.parametrize("method", ["me", "ce"])
+def test_other_architecture_member_on_the_hf_engine(tokenizers, method):
+    """A GPT-2 member (learned positions, the hf engine's ragged rows) with a Llama member of
+    another tokenizer: each request's pieces are the same alone and in a batch."""
+    from tiny_models import other_architecture_members
+
+    a, b = tokenizers
+    gpt2 = other_architecture_members("gpt2-learned-positions", count=1, vocab_size=len(a))[0]
+    ens = Ensemble([gpt2, tiny_member("llama", len(b), seed=1, sharpness=30.0)], tokenizer=[a, b], engine="auto")
+    assert ens.engine == "hf"
+    prompts = ["the cat sat", "naïve café 🙂", "x"]
+    batch = ens.generate(prompts, method=method, max_new_tokens=10, seed=[4, 5, 6])
+    for i, p in enumerate(prompts):
+        assert ens.generate([p], method=method, max_new_tokens=10, seed=[4 + i])[0].token_ids == batch[i].token_ids
