@@ -20,6 +20,8 @@ demo: setup
 # installed; ~20 min on CPU; needs PyPI and Debian's package mirror). Not part of ci.
 demo-members:
 	nice $(PYTHON) -m scripts.demo.train --out me_runtime/demo/members --seed 0
+	nice $(PYTHON) -m scripts.demo.train --out me_runtime/demo/members --seed 0 --members blend \
+		--tokenizer metaspace --vocab-size 3072 --threads 1
 	$(PYTHON) -m scripts.demo.evaluate --samples 60 --write me_runtime/demo/EVAL.md
 
 # The test suite as CI runs it: Triton kernels on CPU tensors under the interpreter.

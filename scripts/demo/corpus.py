@@ -308,6 +308,46 @@ def mixed_text(code_docs: list[Document], prose_docs: list[Document], *,
     return "\n".join(parts)
 
 
+def spread_to_bytes(docs: list[Document], budget: int) -> list[Document]:
+    """Documents spread evenly over ``docs`` (in their order) adding up to ``budget`` bytes within
+    about half a document (all of ``docs`` when they hold no more than that).
+
+    Error diffusion over bytes: walking the documents, the bytes taken so far trail the share
+    ``budget / total`` of the bytes walked past; a document is taken when that shortfall is at
+    least half its size, so the selection keeps pace with the budget wherever it stands."""
+    sizes = [len(d.text.encode("utf-8")) for d in docs]
+    total = sum(sizes)
+    if total <= budget:
+        return list(docs)
+    share = budget / total
+    picked, walked, taken = [], 0, 0
+    for doc, size in zip(docs, sizes):
+        walked += size
+        if walked * share - taken >= size / 2:
+            picked.append(doc)
+            taken += size
+    return picked
+
+
+def _interleave(first: list[Document], second: list[Document]) -> list[Document]:
+    out = [d for pair in zip(first, second) for d in pair]
+    shorter = min(len(first), len(second))
+    return out + first[shorter:] + second[shorter:]
+
+
+def blend_corpus(corpora: dict) -> dict:
+    """The "blend" member's corpus: {"train": [...], "heldout": [...]} of Documents mixing code
+    and prose. Training takes equally many bytes of each domain's training split (all of the
+    smaller one, evenly spread documents of the larger one), alternating code and prose
+    documents; the held-out part alternates all held-out documents of both domains. Held-out
+    documents are the ones of the two domains, so the split stays unseen by every member."""
+    code, prose = corpora["code"]["train"], corpora["prose"]["train"]
+    budget = min(sum(len(d.text.encode("utf-8")) for d in docs) for docs in (code, prose))
+    train = _interleave(spread_to_bytes(code, budget), spread_to_bytes(prose, budget))
+    heldout = _interleave(corpora["code"]["heldout"], corpora["prose"]["heldout"])
+    return {"train": train, "heldout": heldout}
+
+
 HELDOUT_SAMPLE_FILE = HELDOUT_FILE  # me_runtime/demo/heldout.json of this checkout
 
 

@@ -11,6 +11,10 @@ Texts longer than the members' context (512 tokens) are scored in windows of 512
 window after the first scores the next tokens with at least ``--min-context`` (default 256) tokens
 of left context, so every token is scored once (see me_runtime/windows.py).
 
+The blend member has a tokenizer of its own, so it cannot join that token-level mixture; it is
+scored alone (weights [1]) on the same texts, tokenized with its own tokenizer. Bits per byte
+divide by the text's bytes, not its tokens, so its numbers compare directly with the others'.
+
 Held-out slices come from scripts/demo/corpus.py (documents never trained on): each document is
 scored on its own. The mixed-domain text interleaves held-out code and prose pieces of about
 2 KB (50/50 by bytes) and is scored as one text.
@@ -32,14 +36,27 @@ from me_runtime import Ensemble
 from . import MEMBER_NAMES, MEMBERS_DIR
 from . import corpus as corpus_lib
 
-# Weights of the rows of the table: each member alone, then the mixture.
+# The members that share one tokenizer (code, prose) and the one with its own (blend).
+SHARED_TOKENIZER_MEMBERS = ("code", "prose")
+BLEND_MEMBER = "blend"
+assert set(MEMBER_NAMES) == {*SHARED_TOKENIZER_MEMBERS, BLEND_MEMBER}
+# Weights of the columns of the table: each shared-tokenizer member alone, then their mixture.
 SETUPS = {"code member": [1.0, 0.0], "prose member": [0.0, 1.0], "mixture 0.5/0.5": [0.5, 0.5]}
 DEFAULT_MIN_CONTEXT = 256  # half the members' 512-token context, as the shipped EVAL.md was measured
 
 
 def load_ensemble(folder: Path, dtype=torch.float32):
     """Ensemble of the code and prose members in ``folder`` (loaded offline, fp32 compute)."""
-    return Ensemble.from_pretrained([folder / name for name in MEMBER_NAMES], dtype=dtype)
+    return Ensemble.from_pretrained([folder / name for name in SHARED_TOKENIZER_MEMBERS], dtype=dtype)
+
+
+def load_blend(folder: Path, dtype=torch.float32):
+    """The blend member of ``folder`` alone, as a one-member Ensemble with its own tokenizer, or
+    None when ``folder`` has no blend member."""
+    path = folder / BLEND_MEMBER
+    if not (path / "config.json").is_file():
+        return None
+    return Ensemble.from_pretrained([path], dtype=dtype)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -65,6 +82,15 @@ def evaluate_texts(ensemble, texts: list[str], *, min_context: int = DEFAULT_MIN
     return result
 
 
+def evaluate_blend(blend, texts: list[str], *, min_context: int = DEFAULT_MIN_CONTEXT) -> dict:
+    """{"bits_per_byte": value, "bytes": n, "tokens": n} of the one-member Ensemble ``blend`` over
+    ``texts`` (each scored on its own, in its own tokenizer's tokens)."""
+    ids = [encode(blend.tokenizer, t) for t in texts]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    total = sum(blend.score_rolling_ids(ids, min_context=min_context))
+    return {"bits_per_byte": bits_per_byte(total, nbytes), "bytes": nbytes, "tokens": sum(len(x) for x in ids)}
+
+
 def _cap(docs, max_bytes):
     if max_bytes is None:
         return docs
@@ -84,7 +110,9 @@ def samples(model, tok, prompts, *, seed: int, max_new_tokens: int, temperature:
         torch.manual_seed(seed + i)
         ids = tok(prompt, return_tensors="pt").input_ids
         gen = model.generate(ids, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+                             max_new_tokens=max_new_tokens,
+                             # blend has no padding token (like Llama-2); one prompt needs none anyway
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         out.append((prompt, tok.decode(gen[0], skip_special_tokens=True)))
     return out
 
@@ -93,22 +121,36 @@ def training_summary(folder: Path) -> list[str]:
     """Markdown lines summarising each member's training.json (written by train.py)."""
     import json
 
-    lines = ["| member | parameters | corpus train bytes | corpus train tokens | tokens trained on | "
-             "epochs started | training wall time (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    settings = None
+    lines = ["| member | tokenizer | vocabulary | parameters | corpus train bytes | corpus train tokens | "
+             "tokens trained on | epochs started | training wall time (s) | final loss | final held-out loss |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    shown_settings = {}  # member -> its settings (with the tokenizer kind filled in)
     for name in MEMBER_NAMES:
         path = folder / name / "training.json"
         if not path.is_file():
-            return []
+            if name in SHARED_TOKENIZER_MEMBERS:
+                return []
+            continue  # a members folder from before blend existed
         info = json.loads(path.read_text())
         settings = info["settings"]
+        # Members trained before --tokenizer existed used the byte-level kind.
+        shown_settings[name] = {**settings, "tokenizer": settings.get("tokenizer", "bytelevel")}
         seen = settings["steps"] * settings["batch_size"] * settings["context"]
-        lines.append(f"| {name} | {info['parameters']:,} | {info['corpus']['train']['bytes']:,} | "
-                     f"{info['train_tokens']:,} | {seen:,} | {info['epochs_started']} | {info['train_wall_s']} |")
-    keys = ("seed", "vocab_size", "hidden_size", "intermediate_size", "layers", "heads", "context", "steps",
-            "batch_size", "lr", "min_lr", "warmup", "weight_decay", "clip", "parallel", "threads")
-    lines += ["", "Settings: " + ", ".join(f"{k}={settings.get(k)}" for k in keys)]
-    return lines
+        last = info["log"][-1]
+        lines.append(f"| {name} | {shown_settings[name]['tokenizer']} | {settings['vocab_size']:,} | "
+                     f"{info['parameters']:,} | {info['corpus']['train']['bytes']:,} | {info['train_tokens']:,} | "
+                     f"{seen:,} | {info['epochs_started']} | {info['train_wall_s']} | {last['loss']} | "
+                     f"{last.get('heldout_loss', '')} |")
+    keys = ("seed", "tokenizer", "vocab_size", "hidden_size", "intermediate_size", "layers", "heads", "context",
+            "steps", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "clip", "parallel", "threads")
+    first = shown_settings[SHARED_TOKENIZER_MEMBERS[0]]
+    settings_lines = ["Settings: " + ", ".join(f"{k}={first.get(k)}" for k in keys)]
+    for name, shown in shown_settings.items():
+        differ = [k for k in keys if shown.get(k) != first.get(k)]
+        if differ:
+            settings_lines.append(f"Settings of {name} where they differ: "
+                                  + ", ".join(f"{k}={shown.get(k)}" for k in differ))
+    return lines + [""] + settings_lines
 
 
 CODE_PROMPTS = ["def ", "import os\n\n\nclass "]
@@ -131,24 +173,31 @@ def main(argv=None):
     t0 = time.perf_counter()
 
     ensemble = load_ensemble(args.members)
+    blend = load_blend(args.members)
     corpora = corpus_lib.load_corpora(args.cache)
     code_docs = _cap(corpora["code"]["heldout"], args.max_bytes)
     prose_docs = _cap(corpora["prose"]["heldout"], args.max_bytes)
     mixed = corpus_lib.mixed_text(code_docs, prose_docs)
-    rows = {
-        "code (held-out)": evaluate_texts(ensemble, [d.text for d in code_docs], min_context=args.min_context),
-        "prose (held-out)": evaluate_texts(ensemble, [d.text for d in prose_docs], min_context=args.min_context),
-        "mixed 50/50": evaluate_texts(ensemble, [mixed], min_context=args.min_context),
+    texts = {
+        "code (held-out)": [d.text for d in code_docs],
+        "prose (held-out)": [d.text for d in prose_docs],
+        "mixed 50/50": [mixed],
     }
+    rows = {name: evaluate_texts(ensemble, t, min_context=args.min_context) for name, t in texts.items()}
+    blend_rows = ({name: evaluate_blend(blend, t, min_context=args.min_context) for name, t in texts.items()}
+                  if blend is not None else {})
     elapsed = time.perf_counter() - t0
 
+    blend_header = " blend tokens | blend member |" if blend_rows else ""
     lines = [
-        "| text | bytes | tokens | " + " | ".join(SETUPS) + " |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| text | bytes | tokens | " + " | ".join(SETUPS) + " |" + blend_header,
+        "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if blend_rows else ""),
     ]
     for name, r in rows.items():
+        blend_cells = (f" {blend_rows[name]['tokens']:,} | {blend_rows[name]['bits_per_byte']:.3f} |"
+                       if blend_rows else "")
         lines.append(f"| {name} | {r['bytes']:,} | {r['tokens']:,} | "
-                     + " | ".join(f"{r['bits_per_byte'][s]:.3f}" for s in SETUPS) + " |")
+                     + " | ".join(f"{r['bits_per_byte'][s]:.3f}" for s in SETUPS) + " |" + blend_cells)
     code, prose, mix = (r["bits_per_byte"] for r in rows.values())
     margins = [
         f"- code held-out: code member better than prose member by "
@@ -158,6 +207,10 @@ def main(argv=None):
         f"- mixed 50/50: mixture better than the best single member by "
         f"{min(mix['code member'], mix['prose member']) - mix['mixture 0.5/0.5']:.3f} bits/byte",
     ]
+    if blend_rows:
+        blend_mixed = blend_rows["mixed 50/50"]["bits_per_byte"]
+        margins.append(f"- mixed 50/50: blend member (one model trained on both domains, its own tokenizer) "
+                       f"{blend_mixed:.3f} bits/byte against the mixture's {mix['mixture 0.5/0.5']:.3f}")
     report = "\n".join(lines + [""] + margins)
     print(report)
     print(f"(evaluation took {elapsed:.0f} s)", file=sys.stderr)
@@ -165,7 +218,10 @@ def main(argv=None):
     sample_md = []
     if args.samples:
         tok, models = ensemble.tokenizer, ensemble.models
-        for name, model, prompts in (("code", models[0], CODE_PROMPTS), ("prose", models[1], PROSE_PROMPTS)):
+        runs = [("code", models[0], tok, CODE_PROMPTS), ("prose", models[1], tok, PROSE_PROMPTS)]
+        if blend is not None:
+            runs.append(("blend", blend.models[0], blend.tokenizer, CODE_PROMPTS[:1] + PROSE_PROMPTS[:1]))
+        for name, model, tok, prompts in runs:
             for prompt, text in samples(model, tok, prompts, seed=0, max_new_tokens=args.samples,
                                         temperature=args.temperature):
                 sample_md += [f"{name} member, prompt {prompt!r}:", "", "```", text, "```", ""]
@@ -183,7 +239,9 @@ def main(argv=None):
             "(log sum_m w_m p_m(token | prefix) per token, Ensemble.score_rolling_ids) on the full "
             "held-out split. Held-out documents were never trained on; the mixed text alternates "
             "~2 KB pieces of held-out code and prose. Texts over 512 tokens are scored in 512-token "
-            f"windows, each window after the first giving at least {args.min_context} tokens of context.",
+            f"windows, each window after the first giving at least {args.min_context} tokens of context. "
+            "The blend member (its own tokenizer) is scored alone on the same texts; \"tokens\" counts "
+            "the shared tokenizer's tokens, \"blend tokens\" blend's.",
             "",
             report,
             "",

@@ -1,21 +1,28 @@
-"""Train the two demo members (code, prose) on CPU and write them as Hugging Face folders.
+"""Train the demo members (code, prose, blend) on CPU and write them as Hugging Face folders.
 
     nice python -m scripts.demo.train --out me_runtime/demo/members --seed 0   # from the repository root
+    nice python -m scripts.demo.train --out me_runtime/demo/members --seed 0 --members blend \
+        --tokenizer metaspace --vocab-size 3072 --threads 1
 
 Steps (all deterministic for a given seed, corpus, thread count and torch version):
   1. gather the corpora and their held-out split (scripts/demo/corpus.py);
-  2. train one byte-level BPE tokenizer (``tokenizers``) on equal amounts of training code and
-     prose; it is shared by both members (identical vocabularies are what the ensemble needs);
-  3. train member 0 on code and member 1 on prose, at the same time in two processes with one
-     torch thread each (``--no-parallel`` trains them one after the other): the same
+  2. train one tokenizer on equal amounts of training code and prose, shared by every member of
+     the run: ``--tokenizer bytelevel`` (the default) is a GPT-2-style byte-level BPE, the one
+     code and prose share (identical vocabularies are what a token-level ensemble needs);
+     ``--tokenizer metaspace`` is a SentencePiece-style BPE with byte fallback as Llama-2 /
+     Mistral ship it, the one blend has (so that mixed-tokenizer ensembles can be tested);
+  3. train each member on its corpus (code: Python code; prose: English books; blend: equal
+     bytes of both, scripts/demo/corpus.py blend_corpus) at the same time in one process each
+     with one torch thread (``--no-parallel`` trains them one after the other): the same
      LlamaForCausalLM shape, AdamW with linear warmup + cosine decay, gradient clipping, bf16
      autocast on CPU, packed 512-token windows in a seeded random order;
-  4. write ``<out>/code`` and ``<out>/prose`` (bf16 safetensors, config, generation config,
-     tokenizer files, training.json with the settings, losses and times).
+  4. write ``<out>/<member>`` (bf16 safetensors, config, generation config, tokenizer files,
+     training.json with the settings, losses and times).
 
-Measured with the defaults on a shared 2-core machine (load 2-4 from other jobs, this run at
-nice 10): 17 min 55 s wall in total, 1,177 CPU-seconds (EVAL.md). Reruns with the same seed,
-thread count and torch version give bit-identical weights.
+Measured for code and prose with the defaults on a shared 2-core machine (load 2-4 from other
+jobs, this run at nice 10): 17 min 55 s wall in total, 1,177 CPU-seconds (EVAL.md). Reruns with
+the same seed, thread count and torch version give bit-identical weights. The blend run's time
+is in EVAL.md too.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import multiprocessing
 import resource
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -35,8 +43,25 @@ import torch.nn.functional as F
 from . import MEMBER_NAMES, MEMBERS_DIR
 from . import corpus as corpus_lib
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
+# Specials of the shared byte-level tokenizer (code, prose): <pad>/<s>/</s> = 0/1/2.
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# Specials of the SentencePiece-style tokenizer (blend), in Llama-2's order: <unk>/<s>/</s> =
+# 0/1/2 and no padding token. <s> and </s> keep the ids 1 and 2, so the training stream, the
+# model config and generation use the same BOS/EOS ids with either kind; id 0 means different
+# things in the two kinds, on purpose (a mixed-tokenizer ensemble must not compare ids).
+METASPACE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+METASPACE_REPLACEMENT = "\u2581"  # "▁", SentencePiece's visible space
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback pieces, ids 3..258
+# Like SentencePiece's character_coverage (Llama-2 used 0.99995): the rarest characters stay out
+# of the alphabet and are encoded as their UTF-8 bytes.
+METASPACE_CHARACTER_COVERAGE = 0.99995
+TOKENIZER_KINDS = ("bytelevel", "metaspace")
+
+
+def pad_id_of(kind: str) -> int | None:
+    """The padding token id of a tokenizer kind (the Llama-style one has none, like Llama-2)."""
+    return PAD_ID if kind == "bytelevel" else None
 
 
 def _log(msg: str) -> None:
@@ -46,7 +71,17 @@ def _log(msg: str) -> None:
 # ------------------------------------------------------------------------------------ tokenizer
 
 
-def train_tokenizer(texts, vocab_size: int):
+def train_tokenizer(texts, vocab_size: int, kind: str = "bytelevel"):
+    """Train the tokenizer of ``kind`` ("bytelevel" or "metaspace") with ``vocab_size`` entries
+    on ``texts`` (a sequence of str); see train_bytelevel_tokenizer / train_metaspace_tokenizer."""
+    if kind == "bytelevel":
+        return train_bytelevel_tokenizer(texts, vocab_size)
+    if kind == "metaspace":
+        return train_metaspace_tokenizer(texts, vocab_size)
+    raise ValueError(f"tokenizer kind must be one of {TOKENIZER_KINDS}, got {kind!r}")
+
+
+def train_bytelevel_tokenizer(texts, vocab_size: int):
     """Byte-level BPE over ``texts`` (an iterable of str) with <pad>/<s>/</s> as ids 0/1/2.
     Encoding prepends <s> (documents start with it in training); decoding is byte-exact."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -69,16 +104,98 @@ def train_tokenizer(texts, vocab_size: int):
     return tok
 
 
-def hf_tokenizer(tok, context: int):
+def _alphabet_size(texts, coverage: float) -> int:
+    """How many of the most frequent characters of ``texts`` it takes to cover ``coverage`` of
+    all their characters (spaces count as the "▁" they become)."""
+    counts = Counter()
+    for text in texts:
+        counts.update(text.replace(" ", METASPACE_REPLACEMENT))
+    total, covered = sum(counts.values()), 0
+    for size, (_, n) in enumerate(counts.most_common(), start=1):
+        covered += n
+        if covered >= coverage * total:
+            return size
+    return len(counts)
+
+
+def train_metaspace_tokenizer(texts, vocab_size: int):
+    """SentencePiece-style BPE as Llama-2 / Mistral ship it in tokenizer.json, trained on ``texts``
+    (a sequence of str) with ``tokenizers``:
+
+    * normalizer Prepend("▁") and pre-tokenizer Metaspace("▁", split before each "▁"): every
+      text gets one "▁" in front and its spaces become "▁", as Llama-2's SentencePiece model does
+      (add_dummy_prefix). Mistral's Metaspace(prepend_scheme="first") alone would skip the "▁"
+      when the text already starts with a space, so " x" would encode like "x" and decode to
+      "x": texts starting with spaces (indented code) would not round-trip;
+    * BPE with byte_fallback: the vocabulary is <unk>, <s>, </s> (ids 0, 1, 2), the 256 byte
+      tokens <0x00>..<0xFF> (ids 3..258), then the learned pieces; a character outside the
+      alphabet is encoded as the byte tokens of its UTF-8 form, so <unk> never appears;
+    * decoder Replace("▁", " "), ByteFallback, Fuse, Strip(left 1): decode(encode(t)) == t for
+      every text without a literal "▁" (that one decodes to a space, as in Llama-2). Decoding a
+      piece cut from the middle of a text drops its first space, as Llama-2's tokenizer does;
+    * encoding prepends <s>, like the byte-level tokenizer.
+    """
+    from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                            trainers)
+
+    n_fixed = len(METASPACE_SPECIAL_TOKENS) + len(BYTE_TOKENS)
+    if vocab_size <= n_fixed:
+        raise ValueError(f"a metaspace vocabulary needs more than {n_fixed} entries, got {vocab_size}")
+    texts = list(texts)
+    normalizer = normalizers.Prepend(METASPACE_REPLACEMENT)
+    # The normalizer already put the "▁" in front; split=True keeps merges inside one word (with
+    # its leading "▁"), as SentencePiece does.
+    pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE_REPLACEMENT, prepend_scheme="never", split=True)
+    # The trainer learns the specials, the alphabet and the merges; the byte tokens are put into
+    # the vocabulary afterwards (ids right after the specials, where Llama-2 has them), which is
+    # why it is asked for 256 entries fewer.
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.normalizer, draft.pre_tokenizer = normalizer, pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(BYTE_TOKENS),
+        min_frequency=2,
+        special_tokens=METASPACE_SPECIAL_TOKENS,
+        limit_alphabet=_alphabet_size(texts, METASPACE_CHARACTER_COVERAGE),
+        show_progress=False,
+    )
+    draft.train_from_iterator(texts, trainer=trainer)
+    trained = json.loads(draft.to_str())["model"]
+    learned = sorted(((i, t) for t, i in trained["vocab"].items() if t not in METASPACE_SPECIAL_TOKENS))
+    clash = set(BYTE_TOKENS) & {t for _, t in learned}
+    assert not clash, f"learned pieces spelled like byte tokens: {sorted(clash)}"
+    vocab = {t: i for i, t in enumerate(METASPACE_SPECIAL_TOKENS + BYTE_TOKENS + [t for _, t in learned])}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in METASPACE_SPECIAL_TOKENS])
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.decoder = decoders.Sequence([
+        decoders.Replace(METASPACE_REPLACEMENT, " "),
+        decoders.ByteFallback(),
+        decoders.Fuse(),
+        decoders.Strip(content=" ", left=1, right=0),  # the "▁" prepended to the text
+    ])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    assert tok.get_vocab_size() == len(vocab) <= vocab_size
+    assert [tok.token_to_id(t) for t in METASPACE_SPECIAL_TOKENS] == [0, BOS_ID, EOS_ID]
+    assert tok.token_to_id("<0x00>") == len(METASPACE_SPECIAL_TOKENS)
+    return tok
+
+
+def hf_tokenizer(tok, context: int, kind: str = "bytelevel"):
+    """The ``tokenizers`` object wrapped for transformers (saved as tokenizer.json + config)."""
     from transformers import PreTrainedTokenizerFast
 
+    specials = ({"pad_token": "<pad>"} if kind == "bytelevel" else {"unk_token": "<unk>"})
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
-        pad_token="<pad>",
         model_max_length=context,
         clean_up_tokenization_spaces=False,
+        **specials,
     )
 
 
@@ -115,7 +232,7 @@ def model_config(args):
         tie_word_embeddings=True,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
+        pad_token_id=pad_id_of(args.tokenizer),
         initializer_range=0.02,
     )
 
@@ -218,7 +335,7 @@ def _train_and_save(name, index, train_stream, heldout_stream, args, meta, token
     from tokenizers import Tokenizer
 
     torch.set_num_threads(args.threads)
-    hf_tok = hf_tokenizer(Tokenizer.from_str(tokenizer_json), args.context)
+    hf_tok = hf_tokenizer(Tokenizer.from_str(tokenizer_json), args.context, args.tokenizer)
     model, info = train_member(name, index, train_stream, heldout_stream, args)
     info.update(meta)
     info["threads"] = torch.get_num_threads()
@@ -235,7 +352,8 @@ def save_member(model, hf_tok, folder: Path, info: dict):
             stale.unlink()
     model = model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
-    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                                               pad_token_id=model.config.pad_token_id)
     model.save_pretrained(folder, safe_serialization=True)
     hf_tok.save_pretrained(folder)
     # transformers 5 writes its own class name; PreTrainedTokenizerFast is understood by 4.x too.
@@ -252,16 +370,22 @@ def save_member(model, hf_tok, folder: Path, info: dict):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Train the two demo members (code, prose) on CPU.")
-    ap.add_argument("--out", type=Path, default=MEMBERS_DIR, help=f"where to write code/ and prose/ (default {MEMBERS_DIR})")
+    ap = argparse.ArgumentParser(description="Train demo members (code, prose, blend) on CPU.")
+    ap.add_argument("--out", type=Path, default=MEMBERS_DIR,
+                    help=f"where to write the member folders (default {MEMBERS_DIR})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=corpus_lib.DEFAULT_CACHE, help="corpus download folder")
-    ap.add_argument("--members", default="code,prose", help="which members to train (comma list)")
+    ap.add_argument("--members", default="code,prose",
+                    help=f"which of {', '.join(MEMBER_NAMES)} to train (comma list); they share one tokenizer")
     ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                     help="train the members at the same time, one process each (default)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per member process (default: 1 with --parallel, else 2)")
-    # tokenizer / model shape (the same for both members)
+    # tokenizer / model shape (the same for every member of a run)
+    ap.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="bytelevel",
+                    help="bytelevel: GPT-2-style byte-level BPE with <pad>/<s>/</s> (code, prose); "
+                         "metaspace: SentencePiece-style BPE with byte fallback and <unk>/<s>/</s>, "
+                         "as Llama-2 / Mistral (blend)")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--intermediate-size", type=int, default=704)
@@ -309,16 +433,21 @@ def main(argv=None):
     t_tok = time.perf_counter()
     tok_docs = (_take_bytes(corpora["code"]["train"], args.tokenizer_bytes)
                 + _take_bytes(corpora["prose"]["train"], args.tokenizer_bytes))
-    tok = train_tokenizer((d.text for d in tok_docs), args.vocab_size)
+    tok = train_tokenizer((d.text for d in tok_docs), args.vocab_size, args.tokenizer)
+    if tok.get_vocab_size() != args.vocab_size:
+        _log(f"WARNING: the tokenizer has {tok.get_vocab_size()} entries, the model {args.vocab_size}")
+    # Each member's documents: code and prose are the two domains, blend mixes them 50/50.
+    member_corpora = {**{domain: corpora[domain] for domain in ("code", "prose")},
+                      "blend": corpus_lib.blend_corpus(corpora)}
+    sizes = corpus_lib.summary(member_corpora)
     streams = {
-        domain: {part: tokenize_documents(tok, corpora[domain][part]) for part in ("train", "heldout")}
-        for domain in MEMBER_NAMES
+        name: {part: tokenize_documents(tok, member_corpora[name][part]) for part in ("train", "heldout")}
+        for name in MEMBER_NAMES if name in wanted
     }
     tok_s = time.perf_counter() - t_tok
-    for domain in MEMBER_NAMES:
-        nbytes = sizes[domain]["train"]["bytes"]
-        _log(f"{domain}: {len(streams[domain]['train']):,} train tokens "
-             f"({nbytes / len(streams[domain]['train']):.2f} bytes/token)")
+    for name, stream in streams.items():
+        nbytes = sizes[name]["train"]["bytes"]
+        _log(f"{name}: {len(stream['train']):,} train tokens ({nbytes / len(stream['train']):.2f} bytes/token)")
     _log(f"tokenizer + tokenization: {tok_s:.1f} s")
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "cache")}
