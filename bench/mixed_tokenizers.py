@@ -59,20 +59,20 @@ def _spelling_lengths(ens, outs) -> list[float]:
 def _exchange_ms(ens, batch: int, repeats: int = 200) -> float:
     """The text exchange's own per-step work, alone: union ids of sampled tokens and every
     member's append of its spelling (me_runtime.mixed.MixedDecoder.append)."""
-    from me_runtime.mixed import MemberStream, MixedDecoder, StepPieces
+    from me_runtime.mixed import MixedDecoder, MixedStreams, StepPieces
     from me_kernels import SamplingParams
 
     vocab = ens.union_vocabulary
-    prompts = [[1, 2, 3]] * batch
-    streams = [MemberStream(prompts, list(range(batch)), repeats + 1, vocab.longest_spelling[m], None, ens.device)
-               for m in range(ens.num_members)]
-    decoder = MixedDecoder([None] * ens.num_members, vocab, ens._weights_tensor(), streams, selection="independent",
-                           member=0, params=SamplingParams(), max_seq_len=None)
+    prompts = [[[1, 2, 3]] * batch for _ in range(ens.num_members)]
+    streams = MixedStreams(prompts, list(range(batch)), repeats + 1, vocab.longest_spelling, None, ens.device)
+    decoder = MixedDecoder(None, vocab, ens._weights_tensor(), streams, selection="independent", member=0,
+                           params=SamplingParams(), max_seq_len=None)
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, len(vocab.to_union[0]), (repeats, batch), generator=gen)
+    tokens = torch.randint(3, vocab.vocab_sizes[0], (repeats, batch), generator=gen)
+    members = torch.zeros(batch, dtype=torch.long)
     start = time.perf_counter()
     for r in range(repeats):
-        union = decoder._to_union(0, tokens[r])
+        union = decoder._to_union(members, tokens[r])
         decoder.append(StepPieces(union, union.tolist(), [0] * batch))
     return (time.perf_counter() - start) / repeats * 1e3
 
@@ -131,6 +131,7 @@ def main() -> None:
         "sampling": {"temperature": 1.0, "top_p": 0.9},
         "union_vocabulary": mixed.union_vocabulary.size,
         "longest_spelling": mixed.union_vocabulary.longest_spelling,
+        "stacked_groups": getattr(mixed._engine, "group_members", None),
         "rows": rows,
     }
     if args.out:

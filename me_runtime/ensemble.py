@@ -24,7 +24,7 @@ from .decode import decode
 from .drafting import decode_drafting
 from .hf_engine import HFEngine
 from .memory import estimate as estimate_call_memory
-from .mixed import decode_mixed
+from .mixed import EngineMembers, StackedMembers, decode_mixed
 from .stacked_engine import StackedEngine, check_supported
 from .stopping import ByteStopChecker, StopChecker, eos_token_ids, normalize_stop
 from .vocabularies import UnionVocabulary, eos_ids_of
@@ -162,8 +162,13 @@ class Ensemble:
             self.eos_token_ids = frozenset()
             self.union_vocabulary = UnionVocabulary(
                 tokenizers, vocab, [eos_ids_of(m, t) for m, t in zip(self.models, tokenizers)], self.device)
-            self._member_engines = [_build_engine(kind, [m], self.device, v, self.max_seq_len)
-                                    for m, v in zip(self.models, vocab)]
+            if kind == "stacked":  # one engine: rows of every member in one grouped forward per layer
+                engine = StackedEngine(self.models, self.device, max(vocab), self.max_seq_len, pad_vocab=True)
+                self._member_engines = [engine]
+                self._mixed_members = StackedMembers(engine, len(self.models))
+            else:
+                self._member_engines = [HFEngine([m], self.device, v) for m, v in zip(self.models, vocab)]
+                self._mixed_members = EngineMembers(self._member_engines, vocab)
             for i, eng in enumerate(self._member_engines):
                 if not eng.per_row_positions:  # each member's rows grow by different token counts
                     raise ValueError(
@@ -413,7 +418,7 @@ class Ensemble:
         results = []
         with torch.inference_mode():
             for lo in range(0, len(prompts), step):
-                results += decode_mixed(self._member_engines, vocab, self._weights_tensor(),
+                results += decode_mixed(self._mixed_members, vocab, self._weights_tensor(),
                                         [ids[lo : lo + step] for ids in member_prompts], seeds[lo : lo + step],
                                         method=method, selection=selection, member=member, params=params,
                                         max_new_tokens=max_new_tokens, stop_checker=stop_checker,

@@ -100,8 +100,13 @@ class StackedGroup:
 
     @classmethod
     @torch.no_grad()
-    def from_models(cls, models: list[torch.nn.Module]) -> StackedGroup:
+    def from_models(cls, models: list[torch.nn.Module], *, pad_vocab: bool = False) -> StackedGroup:
         """Stack Hugging Face causal LMs that share one shape_key (raises ValueError otherwise).
+
+        pad_vocab: members may differ in vocabulary size (members with different tokenizers):
+        the embeddings and lm_heads are stacked into the largest vocabulary, the rows past a
+        member's own vocabulary are zeros (its logits there are 0: the caller masks them), and
+        the layers are stacked as usual.
 
         The models' parameters are re-pointed to views of the stacked tensors (they keep working,
         and the weights are held once). Built projection by projection, so peak memory stays near
@@ -118,9 +123,12 @@ class StackedGroup:
             reason = unsupported_reason(model)
             if reason is not None:
                 raise ValueError(f"model {i}: {reason}")
+        def comparable(k: tuple) -> tuple:
+            return k[:6] + k[7:] if pad_vocab else k  # (index 6 is the vocabulary size)
+
         key = shape_key(models[0])
         for i, model in enumerate(models[1:], start=1):
-            if shape_key(model) != key:
+            if comparable(shape_key(model)) != comparable(key):
                 raise ValueError(
                     f"model {i} cannot be stacked with model 0: shape keys differ ({shape_key(model)} != {key}; "
                     "fields: hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, qkv_bias, o_bias, "
@@ -141,6 +149,8 @@ class StackedGroup:
                 "stacking models that another stacked group already holds: their weights are held twice "
                 "until that group (its Ensemble) is released", RuntimeWarning, stacklevel=2)
         self = object.__new__(cls)
+        if pad_vocab:
+            key = key[:6] + (max(shape_key(m)[6] for m in models),) + key[7:]
         self._build(models, key)
         ref = weakref.ref(self)
         for j, model in enumerate(models):
@@ -204,12 +214,22 @@ class StackedGroup:
 
         # Tying is per member: tied members read their lm_head from their embedding row.
         untied = [m for m, model in enumerate(models) if not is_tied(model)]
-        self.vocab_weight = empty(num + len(untied), vocab, hidden)
-        _stack_parameters([d.embed_tokens.weight for d in decoders], self.vocab_weight)
-        _stack_parameters([models[m].lm_head.weight for m in untied], self.vocab_weight[num:])
+        self.vocab_sizes = [d.embed_tokens.weight.shape[0] for d in decoders]
+        if all(v == vocab for v in self.vocab_sizes):
+            self.vocab_weight = empty(num + len(untied), vocab, hidden)
+            _stack_parameters([d.embed_tokens.weight for d in decoders], self.vocab_weight)
+            _stack_parameters([models[m].lm_head.weight for m in untied], self.vocab_weight[num:])
+        else:  # pad_vocab: each member's rows first, zeros after them
+            self.vocab_weight = torch.zeros((num + len(untied), vocab, hidden), dtype=self.dtype, device=self.device)
+            for m, d in enumerate(decoders):
+                _stack_parameters([d.embed_tokens.weight], self.vocab_weight[m : m + 1], slice(0, self.vocab_sizes[m]))
+            for j, m in enumerate(untied):
+                _stack_parameters([models[m].lm_head.weight], self.vocab_weight[num + j : num + j + 1],
+                                  slice(0, self.vocab_sizes[m]))
         for m, model in enumerate(models):
             if m not in untied and model.lm_head.weight is not model.model.embed_tokens.weight:
-                model.lm_head.weight.data = self.vocab_weight[m]  # tied through a second Parameter object
+                # tied through a second Parameter object
+                model.lm_head.weight.data = self.vocab_weight[m, : self.vocab_sizes[m]]
         lm_head_index = list(range(num))
         for extra, m in enumerate(untied):
             lm_head_index[m] = num + extra

@@ -55,6 +55,29 @@ def check_supported(models: list[torch.nn.Module]) -> list[str | None]:
     return reasons
 
 
+# pad_vocab groups members whose vocabulary sizes differ by at most this factor: a member reads
+# the group's largest lm_head every step (the padded rows too), a cost worth one forward saved
+# only while the padding is small.
+VOCAB_PADDING_FACTOR = 1.5
+
+
+def _vocab_padded_groups(models, keys: dict[tuple, list[int]]) -> dict[tuple, list[int]]:
+    """Regroup shape-key groups ignoring the vocabulary size, within VOCAB_PADDING_FACTOR."""
+    merged: dict[tuple, list[int]] = {}
+    for key, ids in keys.items():
+        merged.setdefault(key[:6] + key[7:], []).extend(ids)
+    out: dict[tuple, list[int]] = {}
+    for key, ids in merged.items():
+        ids = sorted(ids, key=lambda i: shape_key(models[i])[6])
+        smallest, cluster = None, 0
+        for i in ids:
+            vocab = shape_key(models[i])[6]
+            if smallest is None or vocab > VOCAB_PADDING_FACTOR * smallest:
+                smallest, cluster = vocab, cluster + 1
+            out.setdefault(key + (cluster,), []).append(i)
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def _bucket(n: int, device: torch.device) -> int:
     """Static-shape bucket for a token count: exact on the CPU (padding costs compute there); a
     power of two on CUDA, so a few shapes cover every step (CUDA graphs, compiled kernels)."""
@@ -186,7 +209,11 @@ class StackedEngine:
     name = "stacked"
     per_row_positions = True  # a step's t may differ per row (RowPositions): ends are per sequence
 
-    def __init__(self, models: list[torch.nn.Module], sampling_device: torch.device, vocab_size: int, max_seq_len: int):
+    def __init__(self, models: list[torch.nn.Module], sampling_device: torch.device, vocab_size: int, max_seq_len: int,
+                 *, pad_vocab: bool = False):
+        """pad_vocab: members with different vocabulary sizes (different tokenizers) may share a
+        group (see StackedGroup.from_models): logits are [.., vocab_size] with vocab_size the
+        largest, and a member's columns past its own vocabulary are -inf (sequences_logits)."""
         reasons = check_supported(models)
         for i, reason in enumerate(reasons):
             if reason is not None:
@@ -197,8 +224,17 @@ class StackedEngine:
         keys: dict[tuple, list[int]] = {}
         for i, model in enumerate(models):
             keys.setdefault(shape_key(model), []).append(i)
+        if pad_vocab:
+            keys = _vocab_padded_groups(models, keys)
         self.group_members = list(keys.values())  # ensemble member ids of each group, in order
-        self.groups = [StackedGroup.from_models([models[i] for i in ids]) for ids in self.group_members]
+        self.groups = [StackedGroup.from_models([models[i] for i in ids], pad_vocab=pad_vocab)
+                       for ids in self.group_members]
+        self.member_vocab = [int(m.model.embed_tokens.weight.shape[0]) for m in models]
+        # columns past each member's own vocabulary (pad_vocab), masked to -inf in its logits
+        self.vocab_padding = None
+        if len(set(self.member_vocab)) > 1:
+            cols = torch.arange(vocab_size, device=sampling_device)
+            self.vocab_padding = cols[None, :] >= torch.tensor(self.member_vocab, device=sampling_device)[:, None]
         self.num_members = len(models)
         self.member_group = [0] * self.num_members
         local = [0] * self.num_members
@@ -216,11 +252,18 @@ class StackedEngine:
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # ---------------------------------------------------------------- per-call state
-    def begin(self, batch: Batch) -> None:
+    def begin(self, batch: Batch, slots_of_rows: list[int] | None = None) -> None:
         """Preallocate every group's cache for this batch (slots = rows, capacity = the longest
-        prompt + max_new_tokens: batch.max_positions)."""
+        prompt + max_new_tokens: batch.max_positions). slots_of_rows: the cache slot of each batch
+        row when rows share slots (members with different tokenizers: row m * B + b holds member
+        m's tokens of request b, which only member m reads, in slot b)."""
         need = batch.max_positions
-        self._allocate(batch.size, need, graphs=True)
+        if slots_of_rows is None:
+            self._allocate(batch.size, need, graphs=True)
+            return
+        self._allocate(max(slots_of_rows) + 1, need, graphs=True)
+        self.slots = list(slots_of_rows)
+        self.slots_dev = torch.tensor(slots_of_rows, dtype=torch.long, device=self.sampling_device)
 
     def _allocate(self, slots: int, capacity: int, *, graphs: bool = False) -> None:
         if capacity > self.max_seq_len:
@@ -259,34 +302,40 @@ class StackedEngine:
 
     # ---------------------------------------------------------------- steps
     def member_logits(self, batch: Batch, t: int, members: torch.Tensor, members_host: list[int]) -> torch.Tensor:
-        rows_host = list(range(batch.size))
+        rows = torch.arange(batch.size, device=self.sampling_device)
+        return self.sequences_logits(batch, t, rows, list(range(batch.size)), members.long(), members_host)
+
+    def sequences_logits(self, batch: Batch, t, rows: torch.Tensor, rows_host: list[int], members: torch.Tensor,
+                         members_host: list[int]) -> torch.Tensor:
+        """Next-token logits float32 [N, V] of sequences (rows[i], members[i]) (int64 [N] on the
+        sampling device, and host copies): each member catches its row up; one forward per group
+        that has sequences. With pad_vocab, columns past a member's vocabulary are -inf."""
         if len(self.groups) == 1:
-            rows = torch.arange(batch.size, device=self.sampling_device)
-            return self._catch_up(0, batch, t, rows, members.long(), rows_host, members_host)
-        # Several groups: sort rows by group on the device; the host knows each group's row count
-        # (it holds the members), so every group's slice of the order has a static size.
-        members = members.long()
-        order = torch.sort(self.member_group_dev[members], stable=True).indices
-        logits = torch.empty((batch.size, self.vocab_size), dtype=torch.float32, device=self.sampling_device)
-        begin = 0
-        for g in range(len(self.groups)):
-            host_rows = [r for r in rows_host if self.member_group[members_host[r]] == g]
-            if not host_rows:
-                continue
-            rows = order[begin : begin + len(host_rows)]
-            begin += len(host_rows)
-            out = self._catch_up(g, batch, t, rows, members[rows], host_rows, [members_host[r] for r in host_rows])
-            logits.index_copy_(0, rows, out)
+            logits = self._catch_up(0, batch, t, rows, members, rows_host, members_host)
+        else:
+            # Several groups: sort sequences by group on the device; the host knows each group's
+            # count (it holds the members), so every group's slice of the order has a static size.
+            order = torch.sort(self.member_group_dev[members], stable=True).indices
+            logits = torch.empty((len(rows_host), self.vocab_size), dtype=torch.float32, device=self.sampling_device)
+            begin = 0
+            for g in range(len(self.groups)):
+                picked = [i for i in range(len(rows_host)) if self.member_group[members_host[i]] == g]
+                if not picked:
+                    continue
+                idx = order[begin : begin + len(picked)]
+                begin += len(picked)
+                out = self._catch_up(g, batch, t, rows[idx], members[idx], [rows_host[i] for i in picked],
+                                     [members_host[i] for i in picked])
+                if out.shape[1] < self.vocab_size:  # a group of smaller vocabularies (pad_vocab)
+                    out = torch.nn.functional.pad(out, (0, self.vocab_size - out.shape[1]), value=float("-inf"))
+                logits.index_copy_(0, idx, out)
+        if self.vocab_padding is not None:
+            logits = logits.masked_fill(self.vocab_padding[members], float("-inf"))
         return logits
 
     def all_member_logits(self, batch: Batch, t: int) -> torch.Tensor:
         return self.span_logits(batch, t, 1)
 
-    def rows_logits(self, batch: Batch, t, member: int, rows: torch.Tensor, rows_host: list[int]) -> torch.Tensor:
-        """Catch member `member` up on the given rows only (rows int64 [N] on the sampling device,
-        and the same indices on the host); float32 logits [N, V] of each row's next token."""
-        members = torch.full_like(rows, member)
-        return self._catch_up(self.member_group[member], batch, t, rows, members, rows_host, [member] * len(rows_host))
 
     def span_logits(self, batch: Batch, t: int, span: int) -> torch.Tensor:
         """Every member's logits predicting generated tokens t - span + 1 .. t: [M, B, V] for span

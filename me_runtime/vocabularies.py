@@ -149,6 +149,7 @@ class UnionVocabulary:
     pieces: list[bytes], union id -> the piece's bytes (pieces[END] = b"", the EOS entry).
     to_union[m]: int64 [V_m]: union id of each of member m's tokens, -1 for tokens never sampled.
     sample_mask[m]: bool [V_m]: True for tokens never sampled (their logits are set to -inf).
+    to_union_table, sample_mask_table: the same as [M, V_max] tables (padded with -1 / True).
     spelling_offsets[m] int64 [U + 1], spelling_ids[m] int64 [S_m]: member m's tokens for union id u
         are spelling_ids[m][spelling_offsets[m][u] : spelling_offsets[m][u + 1]] (none for END);
         spelling_lengths[m]: the same lengths as a host list (the host sizes each step's append).
@@ -180,6 +181,14 @@ class UnionVocabulary:
         self.size = len(self.pieces)
         self.to_union = [torch.tensor(ids, dtype=torch.long, device=device) for ids in to_union]
         self.sample_mask = [u < 0 for u in self.to_union]
+        # The same as [M, V_max] tables (vocabularies padded to the largest: -1 / masked past a
+        # member's own), indexed by each row's member in a step over rows of several members.
+        self.vocab_sizes = [len(ids) for ids in to_union]
+        width = max(self.vocab_sizes)
+        self.to_union_table = torch.full((self.num_members, width), -1, dtype=torch.long, device=device)
+        for m, ids in enumerate(self.to_union):
+            self.to_union_table[m, : len(ids)] = ids
+        self.sample_mask_table = self.to_union_table < 0
         self.has_duplicates = []
         self.spelling_offsets, self.spelling_ids, self.spelling_lengths, self.longest_spelling = [], [], [], []
         for m, tok in enumerate(tokenizers):

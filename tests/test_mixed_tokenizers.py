@@ -264,6 +264,8 @@ def test_batch_invariance(tokenizers, members, engine, method):
 
 
 def test_engines_agree(tokenizers, members):
+    # the stacked engine runs both members in one group (vocabularies 300 and 320, padded)
+    assert _ensemble(members, tokenizers, "stacked")._engine.group_members == [[0, 1]]
     prompts = ["the cat sat", "def add(a, b):\n", "über"]
     for method in ("me", "ce"):
         outs = [_ensemble(members, tokenizers, e).generate(prompts, method=method, max_new_tokens=10, seed=3)
