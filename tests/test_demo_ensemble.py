@@ -62,6 +62,37 @@ def test_cli_demo_runs_offline(capsys):
     assert int(code_row.split()[1]) == len(heldout_texts()["code"])
 
 
+def test_cli_demo_mixed_runs_the_three_members_with_two_tokenizers(capsys):
+    assert main(["--demo-mixed", "--max-new-tokens", "12", "--compare", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "blend: its own" in out and "union vocabulary" in out
+    assert "--- me (12 tokens" in out and "--- ce (12 tokens" in out
+    trace = out.split("--- member trace")[1].split("--- tokens per member")[0]
+    assert "[" in trace and "|" in trace
+    assert main(["--demo-mixed", "--model", "x"]) == 2
+
+
+def test_demo_members_with_different_tokenizers_both_engines():
+    """code + prose (one byte-level BPE) + blend (SentencePiece-style BPE with byte fallback): the
+    union vocabulary joins them, and both engines give the same pieces."""
+    from me_runtime.demo import ALL_MEMBER_NAMES, demo_member
+
+    paths = [demo_member(n) for n in ALL_MEMBER_NAMES]
+    outs = {}
+    for engine in ("stacked", "hf"):
+        ens = Ensemble.from_pretrained(paths, dtype=torch.float32, engine=engine)
+        assert ens.tokenizers is not None and ens.union_vocabulary.size > 4096
+        prompts = ["def read_config(path):", "The morning was cold and"]
+        outs[engine] = {m: ens.generate(prompts, method=m, max_new_tokens=12, seed=[1, 2]) for m in ("me", "ce")}
+        if engine == "stacked":  # one grouped forward for all three (vocabularies 4096 and 3072, padded)
+            assert ens._engine.group_members == [[0, 1, 2]]
+    for m in ("me", "ce"):
+        assert [g.token_ids for g in outs["stacked"][m]] == [g.token_ids for g in outs["hf"][m]]
+        for g in outs["stacked"][m]:
+            assert len(g.token_ids) == 12 or g.finish_reason in ("eos", "length")
+    assert {z for g in outs["stacked"]["me"] for z in g.members} == {0, 1, 2}
+
+
 def test_cli_reports_bad_arguments(capsys):
     assert main(["--max-new-tokens", "4", "--top-p", "1.5", "--no-score"]) == 2
     assert "top_p" in capsys.readouterr().err
