@@ -46,16 +46,20 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 
 step build "$(budget 140)" "$PY" setup.py build_ext --inplace || { echo "build failed: see $OUTDIR/suite.log"; tail -n 40 "$OUTDIR/suite.log"; exit 1; }
 step import 20 "$PY" -c "import me_kernels, me_runtime; assert me_kernels.EXTENSION_LOADED; print('me_kernels._C loaded')"
-step gpu-tests "$(budget 140)" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml"
+step gpu-tests "$(budget 130)" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml"
 # End to end first (the engine rows: stacked, then hf, then the baselines), the target cells first
 # (M=3 at B=1 and B=32), then the rest of the grid as time allows.
 CELLS="qwen2.5-1.5b:3:1,qwen2.5-1.5b:3:32,llama-3.2-1b:3:1,qwen2.5-1.5b:2:1,qwen2.5-1.5b:4:1,qwen2.5-1.5b:3:8,qwen2.5-1.5b:3:64,llama-3.2-1b:3:32"
-[ -f bench/e2e.py ] && step e2e "$(budget 100)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 75)" --out "$OUTDIR/e2e.json"
+[ -f bench/e2e.py ] && step e2e "$(budget 90)" "$PY" bench/e2e.py --cells "$CELLS" --max-seconds "$(budget 68)" --out "$OUTDIR/e2e.json"
 # Exact CE by drafting against CE and ME: three bf16 "fine-tunes" of a Qwen2.5-1.5B-shaped base,
 # batch 1 first (the target), JSON after every case.
 [ -f bench/drafting.py ] && step drafting "$(budget 45)" "$PY" bench/drafting.py --device cuda --dtype bfloat16 \
   --sets finetunes --base qwen2.5-1.5b --batches 1,8 --settings top_p=0.9,greedy,top_k=10 --repeats 1 \
   --new-tokens 64 --max-seconds "$(budget 28)" --out "$OUTDIR/drafting.json"
+# Members with different tokenizers vs one shared vocabulary (the demo members: code + blend vs
+# code + prose), ME and CE at batch 1 and 8.
+[ -f bench/mixed_tokenizers.py ] && step mixed-tokenizers "$(budget 25)" "$PY" bench/mixed_tokenizers.py --device cuda \
+  --repeats 2 --out "$OUTDIR/mixed_tokenizers.json"
 # Kernel microbenchmarks, one file per op (bench/bench_<op>.py), one JSON per op
 # ($OUTDIR/bench_<op>.json). The ops with targets (sample, grouped_linear) run in their own
 # session, their target cases first (ids matching these substrings); the other six share one
