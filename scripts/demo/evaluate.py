@@ -121,9 +121,9 @@ def training_summary(folder: Path) -> list[str]:
     """Markdown lines summarising each member's training.json (written by train.py)."""
     import json
 
-    lines = ["| member | tokenizer | vocabulary | parameters | corpus train bytes | corpus train tokens | "
-             "tokens trained on | epochs started | training wall time (s) | final loss | final held-out loss |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| member | parameters | corpus train bytes | corpus train tokens | tokens trained on | epochs started | "
+             "training wall time (s) | tokenizer | vocabulary | final loss | final held-out loss |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     shown_settings = {}  # member -> its settings (with the tokenizer kind filled in)
     for name in MEMBER_NAMES:
         path = folder / name / "training.json"
@@ -137,9 +137,9 @@ def training_summary(folder: Path) -> list[str]:
         shown_settings[name] = {**settings, "tokenizer": settings.get("tokenizer", "bytelevel")}
         seen = settings["steps"] * settings["batch_size"] * settings["context"]
         last = info["log"][-1]
-        lines.append(f"| {name} | {shown_settings[name]['tokenizer']} | {settings['vocab_size']:,} | "
-                     f"{info['parameters']:,} | {info['corpus']['train']['bytes']:,} | {info['train_tokens']:,} | "
-                     f"{seen:,} | {info['epochs_started']} | {info['train_wall_s']} | {last['loss']} | "
+        lines.append(f"| {name} | {info['parameters']:,} | {info['corpus']['train']['bytes']:,} | "
+                     f"{info['train_tokens']:,} | {seen:,} | {info['epochs_started']} | {info['train_wall_s']} | "
+                     f"{shown_settings[name]['tokenizer']} | {settings['vocab_size']:,} | {last['loss']} | "
                      f"{last.get('heldout_loss', '')} |")
     keys = ("seed", "tokenizer", "vocab_size", "hidden_size", "intermediate_size", "layers", "heads", "context",
             "steps", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "clip", "parallel", "threads")
