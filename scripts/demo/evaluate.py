@@ -220,7 +220,11 @@ def main(argv=None):
         tok, models = ensemble.tokenizer, ensemble.models
         runs = [("code", models[0], tok, CODE_PROMPTS), ("prose", models[1], tok, PROSE_PROMPTS)]
         if blend is not None:
-            runs.append(("blend", blend.models[0], blend.tokenizer, CODE_PROMPTS[:1] + PROSE_PROMPTS[:1]))
+            # Without the trailing space: blend's tokenizer turns it into a lone "▁" token, which in
+            # its training text only ever starts a run of indentation (words carry their own "▁"),
+            # so it would continue with spaces (the SentencePiece trailing-space effect).
+            runs.append(("blend", blend.models[0], blend.tokenizer,
+                         [p.rstrip(" ") for p in CODE_PROMPTS + PROSE_PROMPTS]))
         for name, model, tok, prompts in runs:
             for prompt, text in samples(model, tok, prompts, seed=0, max_new_tokens=args.samples,
                                         temperature=args.temperature):
