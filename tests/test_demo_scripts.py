@@ -118,3 +118,46 @@ def test_evaluate_main_writes_the_report(monkeypatch, tmp_path, capsys):
     assert float(cells[3]) < float(cells[4])  # the code member wins on code
     assert "mixed 50/50: mixture better than the best single member by" in written
     assert "## Training (from the members' training.json)" in written
+
+
+def test_blend_corpus_takes_equal_bytes_of_each_domain_alternating():
+    code = [corpus.Document(f"code:m{i}.py", "x = 1\n" * (20 + 7 * (i % 5))) for i in range(60)]
+    prose = [corpus.Document(f"prose:book:{i}", "Some prose here.\n" * (5 + i % 3)) for i in range(25)]
+    held = {"code": [corpus.Document("code:h.py", "y = 2\n")], "prose": [corpus.Document("prose:b:99", "Held.\n")]}
+    corpora = {"code": {"train": code, "heldout": held["code"]}, "prose": {"train": prose, "heldout": held["prose"]}}
+    blend = corpus.blend_corpus(corpora)
+
+    def nbytes(docs):
+        return sum(len(d.text.encode()) for d in docs)
+
+    picked_code = [d for d in blend["train"] if d.name.startswith("code:")]
+    picked_prose = [d for d in blend["train"] if d.name.startswith("prose:")]
+    assert picked_prose == prose  # the smaller domain is taken whole
+    largest_code_doc = max(len(d.text.encode()) for d in code)
+    assert abs(nbytes(picked_code) - nbytes(prose)) <= largest_code_doc / 2
+    # spread over the whole code corpus, in its order, not just its head
+    positions = [code.index(d) for d in picked_code]
+    assert positions == sorted(positions) and positions[-1] >= len(code) - 4
+    kinds = [d.name.split(":")[0] for d in blend["train"]]
+    pairs = min(len(picked_code), len(picked_prose))
+    assert kinds[: 2 * pairs] == ["code", "prose"] * pairs  # then the longer side's rest
+    assert len(set(kinds[2 * pairs :])) <= 1
+    assert blend["heldout"] == held["code"] + held["prose"]
+
+
+def test_metaspace_tokenizer_layout_and_round_trip():
+    from scripts.demo import train
+
+    texts = ["def f(x):\n    return x + 1\n", "The cat sat on the mat. The dog sat too.\n"] * 20
+    tok = train.train_tokenizer(texts, 300, "metaspace")
+    vocab = tok.get_vocab()
+    assert [vocab[t] for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
+    assert [vocab[f"<0x{b:02X}>"] for b in range(256)] == list(range(3, 259))
+    assert 259 < tok.get_vocab_size() <= 300
+    for text in ["    return the cat\n", " x", "x", "naïve 🐍"]:
+        encoding = tok.encode(text)
+        assert encoding.ids[0] == train.BOS_ID and 0 not in encoding.ids  # <unk> never: byte fallback
+        assert tok.decode(encoding.ids) == text
+    assert tok.encode("🐍").tokens[1:] == ["\u2581", "<0xF0>", "<0x9F>", "<0x90>", "<0x8D>"]
+    with pytest.raises(ValueError, match="tokenizer kind"):
+        train.train_tokenizer(texts, 300, "wordpiece")

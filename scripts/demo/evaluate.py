@@ -121,9 +121,9 @@ def training_summary(folder: Path) -> list[str]:
     """Markdown lines summarising each member's training.json (written by train.py)."""
     import json
 
-    lines = ["| member | tokenizer | vocabulary | parameters | corpus train bytes | corpus train tokens | "
-             "tokens trained on | epochs started | training wall time (s) | final loss | final held-out loss |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| member | parameters | corpus train bytes | corpus train tokens | tokens trained on | epochs started | "
+             "training wall time (s) | tokenizer | vocabulary | final loss | final held-out loss |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     shown_settings = {}  # member -> its settings (with the tokenizer kind filled in)
     for name in MEMBER_NAMES:
         path = folder / name / "training.json"
@@ -137,9 +137,9 @@ def training_summary(folder: Path) -> list[str]:
         shown_settings[name] = {**settings, "tokenizer": settings.get("tokenizer", "bytelevel")}
         seen = settings["steps"] * settings["batch_size"] * settings["context"]
         last = info["log"][-1]
-        lines.append(f"| {name} | {shown_settings[name]['tokenizer']} | {settings['vocab_size']:,} | "
-                     f"{info['parameters']:,} | {info['corpus']['train']['bytes']:,} | {info['train_tokens']:,} | "
-                     f"{seen:,} | {info['epochs_started']} | {info['train_wall_s']} | {last['loss']} | "
+        lines.append(f"| {name} | {info['parameters']:,} | {info['corpus']['train']['bytes']:,} | "
+                     f"{info['train_tokens']:,} | {seen:,} | {info['epochs_started']} | {info['train_wall_s']} | "
+                     f"{shown_settings[name]['tokenizer']} | {settings['vocab_size']:,} | {last['loss']} | "
                      f"{last.get('heldout_loss', '')} |")
     keys = ("seed", "tokenizer", "vocab_size", "hidden_size", "intermediate_size", "layers", "heads", "context",
             "steps", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "clip", "parallel", "threads")
@@ -220,7 +220,11 @@ def main(argv=None):
         tok, models = ensemble.tokenizer, ensemble.models
         runs = [("code", models[0], tok, CODE_PROMPTS), ("prose", models[1], tok, PROSE_PROMPTS)]
         if blend is not None:
-            runs.append(("blend", blend.models[0], blend.tokenizer, CODE_PROMPTS[:1] + PROSE_PROMPTS[:1]))
+            # Without the trailing space: blend's tokenizer turns it into a lone "▁" token, which in
+            # its training text only ever starts a run of indentation (words carry their own "▁"),
+            # so it would continue with spaces (the SentencePiece trailing-space effect).
+            runs.append(("blend", blend.models[0], blend.tokenizer,
+                         [p.rstrip(" ") for p in CODE_PROMPTS + PROSE_PROMPTS]))
         for name, model, tok, prompts in runs:
             for prompt, text in samples(model, tok, prompts, seed=0, max_new_tokens=args.samples,
                                         temperature=args.temperature):
