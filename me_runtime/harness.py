@@ -30,6 +30,13 @@ What each request type computes:
     `selection` and `draft_tokens` as given; request i of a call samples with seed `seed + i`,
     so results do not depend on batching or sorting.
 
+Members with different tokenizers (Ensemble(models, tokenizer=[...])): generate_until works (each
+context is given to Ensemble.generate as text, so every member encodes it with its own tokenizer
+and keeps its own last tokens when it is too long); loglikelihood, loglikelihood_rolling and chat
+templates raise a ValueError saying why (the mixture likelihood of a text is not defined under the
+text exchange; lm-eval renders a chat with one template). Member 0's tokenizer serves lm-eval's
+own needs (EOS id, lengths for batching).
+
 Requests are sorted longest first (a batch's first request is its longest, so a batch too big
 fails at once rather than at the end) and answered in their original order. batch_size is the
 number of forward rows per batch: requests, or for loglikelihood_rolling the texts' windows.
@@ -148,7 +155,8 @@ class EnsembleLM(TemplateLM):
     """An Ensemble as an lm-evaluation-harness model (see the module docstring).
 
     Args:
-        ensemble: a me_runtime.Ensemble with a tokenizer (member 0's, shared by all members).
+        ensemble: a me_runtime.Ensemble with a tokenizer (shared by all members), or with one
+            tokenizer per member (generate_until only: see the module docstring).
         method: "me" or "ce": how sampled generate_until requests are decoded. Loglikelihoods are
             the exact mixture's and greedy generation is the mixture's argmax for both.
         selection: "independent" | "shared" (see Ensemble.generate), for method "me".
@@ -185,13 +193,11 @@ class EnsembleLM(TemplateLM):
         super().__init__()
         if not isinstance(ensemble, Ensemble):
             raise TypeError(f"ensemble must be a me_runtime.Ensemble, got {type(ensemble).__name__}")
-        if getattr(ensemble, "tokenizers", None) is not None:
-            raise ValueError(
-                "EnsembleLM needs members that share one tokenizer: lm-eval's loglikelihood requests need the exact "
-                "mixture likelihood of a continuation, which members with different tokenizers do not define "
-                "(Ensemble.score explains why); evaluate such ensembles' generations with Ensemble.generate"
-            )
-        if ensemble.tokenizer is None:
+        self.mixed = getattr(ensemble, "tokenizers", None) is not None
+        if self.mixed and draft_tokens:
+            raise ValueError("draft_tokens needs members that share one vocabulary; these members have different "
+                             "tokenizers")
+        if ensemble.tokenizer is None and not self.mixed:
             raise ValueError("EnsembleLM needs an Ensemble with a tokenizer (lm-eval requests are text)")
         if method not in HARNESS_METHODS:
             raise ValueError(
@@ -225,7 +231,9 @@ class EnsembleLM(TemplateLM):
             )
         _check_positive_int("seed", seed, minimum=0)
         self.ensemble = ensemble
-        self.tokenizer = ensemble.tokenizer
+        # members with different tokenizers: member 0's serves lm-eval's own needs (lengths, EOS);
+        # generation encodes each prompt with every member's tokenizer (Ensemble.generate)
+        self.tokenizer = ensemble.tokenizers[0] if self.mixed else ensemble.tokenizer
         self.method, self.selection = method, selection
         self.batch_size, self.max_batch_size = batch_size, max_batch_size
         self.max_length, self.max_gen_toks = max_length, max_gen_toks
@@ -325,7 +333,20 @@ class EnsembleLM(TemplateLM):
     def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
+    def _refuse_mixed(self, what: str) -> None:
+        if self.mixed:
+            raise ValueError(
+                f"{what} needs members that share one tokenizer: with different tokenizers the mixture likelihood "
+                "of a continuation is not defined (Ensemble.score explains why); generate_until tasks work"
+            )
+
     def _template(self, chat_template=True):
+        if self.mixed:
+            raise ValueError(
+                "chat templates with members of different tokenizers: lm-eval renders a chat into one string with "
+                "one template, which would show the other members foreign markers; run without "
+                "--apply_chat_template, or use Ensemble.generate with conversations (each member renders its own)"
+            )
         template = getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ValueError(
@@ -366,6 +387,10 @@ class EnsembleLM(TemplateLM):
         return results
 
     # ---------------------------------------------------------------- loglikelihood
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self._refuse_mixed("loglikelihood")
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation), context_ids, continuation_ids) from TemplateLM's
         loglikelihood -> (exact mixture log-likelihood, is_greedy) for each."""
@@ -394,6 +419,7 @@ class EnsembleLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        self._refuse_mixed("loglikelihood_rolling")
         """The exact mixture log-likelihood of each whole text (encoded without special tokens),
         scored after the prefix token in disjoint windows of max_length tokens."""
         texts = [request.args[0] for request in requests]
@@ -470,10 +496,17 @@ class EnsembleLM(TemplateLM):
                     prompts.append(ids[-room:])  # left truncation, as lm-eval's HF model
                 lengths = [len(p) + max_gen_toks for p in prompts]
                 for batch in _sorted_batches(lengths, self.batch_size, self.max_batch_size):
-                    outs = self.ensemble.generate_ids(
-                        [prompts[j] for j in batch], max_new_tokens=max_gen_toks, stop=until or None,
-                        seed=[self.seed + members[j] for j in batch], **options,
-                    )
+                    if self.mixed:  # text prompts: every member encodes (and left-truncates) its own
+                        outs = self.ensemble.generate(
+                            [requests[members[j]].args[0] for j in batch], max_new_tokens=max_gen_toks,
+                            stop=until or None, seed=[self.seed + members[j] for j in batch], truncate="left",
+                            **options,
+                        )
+                    else:
+                        outs = self.ensemble.generate_ids(
+                            [prompts[j] for j in batch], max_new_tokens=max_gen_toks, stop=until or None,
+                            seed=[self.seed + members[j] for j in batch], **options,
+                        )
                     for j, out in zip(batch, outs):
                         text = out.text
                         for stop in until:  # as lm-eval's HF model: cut at the first of each stop string

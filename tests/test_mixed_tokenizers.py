@@ -484,14 +484,6 @@ def test_mixed_on_the_triton_kernels(tokenizers, members, monkeypatch):
     assert interpreted == compiled
 
 
-def test_lm_eval_adapter_refuses_mixed_tokenizers(tokenizers, members):
-    pytest.importorskip("lm_eval")
-    from me_runtime.harness import EnsembleLM
-
-    with pytest.raises(ValueError, match="share one tokenizer"):
-        EnsembleLM(_ensemble(members, tokenizers, "stacked"))
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_shared_selection_draws_one_member_per_step_for_the_batch(tokenizers, members, engine):
     ens = _ensemble(members, tokenizers, engine)
@@ -560,3 +552,35 @@ def test_other_architecture_member_on_the_hf_engine(tokenizers, method):
     batch = ens.generate(prompts, method=method, max_new_tokens=10, seed=[4, 5, 6])
     for i, p in enumerate(prompts):
         assert ens.generate([p], method=method, max_new_tokens=10, seed=[4 + i])[0].token_ids == batch[i].token_ids
+
+
+def test_lm_eval_generate_until_with_mixed_tokenizers(tokenizers, members):
+    """lm-eval's generate_until runs on members with different tokenizers (each member encodes the
+    context itself); greedy requests are CE's greedy pieces; likelihood requests and chat templates
+    are refused with the reason."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from me_runtime.harness import EnsembleLM
+
+    ens = _ensemble(members, tokenizers, "stacked")
+    lm = EnsembleLM(ens, batch_size=2)
+    contexts = ["the cat sat", "def add(a, b):", "naïve café"]
+    gen_kwargs = {"until": ["\n\n"], "max_gen_toks": 8}
+    got = lm.generate_until([Instance("generate_until", {}, (c, gen_kwargs), i) for i, c in enumerate(contexts)],
+                            disable_tqdm=True)
+    want = ens.generate(contexts, method="ce", temperature=0.0, max_new_tokens=8, stop=["\n\n"], seed=0)
+    assert got == [w.text.split("\n\n")[0] for w in want]
+    sampled = {"until": [], "max_gen_toks": 6, "do_sample": True, "temperature": 1.0}
+    got = lm.generate_until([Instance("generate_until", {}, (c, sampled), i) for i, c in enumerate(contexts)],
+                            disable_tqdm=True)
+    want = ens.generate(contexts, method="me", max_new_tokens=6, seed=[0, 1, 2])
+    assert got == [w.text for w in want]
+    with pytest.raises(ValueError, match="share one tokenizer"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("the", " cat"), 0)])
+    with pytest.raises(ValueError, match="share one tokenizer"):
+        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("the cat",), 0)])
+    with pytest.raises(ValueError, match="chat templates"):
+        lm.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="draft_tokens"):
+        EnsembleLM(ens, method="ce", draft_tokens=2)
