@@ -39,3 +39,32 @@ def kernel_devices():
 def kernel_device(request):
     """Device on which a test exercises the Triton kernels (not the torch reference path)."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def eager_cuda_graphs(monkeypatch):
+    """The stacked engine's CUDA-graph path on the CPU: CUDA graphs cannot run here, so a "graph"
+    replays the captured call eagerly on its static buffers, and shapes are bucketed to powers of
+    two as on CUDA. That checks the graph path's own logic: bucketed shapes, padded no-op rows,
+    static input buffers reused across steps, caches and graphs kept across generate calls (reused,
+    zeroed) and rows retiring mid-call. Set `engine.cuda_graphs = True` on a stacked engine."""
+    import me_runtime.stacked_engine as stacked_engine_module
+
+    monkeypatch.setattr(stacked_engine_module, "_bucket", lambda n, device: 1 if n <= 1 else 1 << (n - 1).bit_length())
+
+    class EagerGraph:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            result = self.fn()
+            if self.out is not None:
+                self.out.copy_(result)
+
+    def capture(self, rows, q, kv_len, logits, device):
+        static = (torch.zeros((rows, q), dtype=torch.long),) + tuple(torch.zeros(rows, dtype=torch.long) for _ in range(4))
+        fn = lambda: self.group.forward(self.cache, *static, kv_len=kv_len, logits=logits)  # noqa: E731
+        out = fn()  # the "graph's" output buffer, rewritten by every replay
+        return EagerGraph(fn, out), static, out
+
+    monkeypatch.setattr(stacked_engine_module.GraphedForward, "_capture", capture)

@@ -584,3 +584,22 @@ def test_lm_eval_generate_until_with_mixed_tokenizers(tokenizers, members):
         lm.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="draft_tokens"):
         EnsembleLM(ens, method="ce", draft_tokens=2)
+
+
+def test_cuda_graph_path_with_mixed_tokenizers(tokenizers, members, eager_cuda_graphs):
+    """The stacked engine's CUDA-graph logic (bucketed rows and slots, padded no-op rows, caches kept
+    across calls; eager replays on the CPU) with every member's stream in one M x B batch whose rows
+    share slots: the same pieces as the plain path."""
+    graphed = _ensemble(members, tokenizers, "stacked")
+    graphed._engine.cuda_graphs = True
+    plain = _ensemble(members, tokenizers, "stacked")
+    prompts = ["the cat sat on", "x", "def add(a, b):\n    return", "naïve", "über alles"]
+    for method in ("me", "ce", "single"):
+        for batch in (prompts, prompts[:2], prompts):
+            seeds = list(range(1, len(batch) + 1))
+            a = graphed.generate(batch, method=method, max_new_tokens=12, seed=seeds, member=1)
+            b = plain.generate(batch, method=method, max_new_tokens=12, seed=seeds, member=1)
+            assert [(g.token_ids, g.members, g.finish_reason) for g in a] == [
+                (g.token_ids, g.members, g.finish_reason) for g in b]
+    engine = graphed._engine
+    assert engine.forwards and engine.forwards[0] is not None and len(engine.forwards[0].graphs) > 2

@@ -247,31 +247,8 @@ def test_a_second_ensemble_of_the_same_members_shares_their_stacked_weights():
         Ensemble(models[::-1], engine="stacked")
 
 
-def test_cuda_graph_path_logic_with_eager_replays(monkeypatch):
-    # CUDA graphs cannot run on this machine; here a "graph" replays the captured call eagerly on
-    # its static buffers. That checks the graph path's own logic on the CPU: bucketed shapes
-    # (powers of two, as on CUDA), padded no-op rows, static input buffers reused across steps,
-    # caches and graphs kept across generate calls (reused, zeroed) and rows retiring mid-call.
-    import me_runtime.stacked_engine as stacked_engine_module
-
-    monkeypatch.setattr(stacked_engine_module, "_bucket", lambda n, device: 1 if n <= 1 else 1 << (n - 1).bit_length())
-
-    class EagerGraph:
-        def __init__(self, fn, out):
-            self.fn, self.out = fn, out
-
-        def replay(self):
-            result = self.fn()
-            if self.out is not None:
-                self.out.copy_(result)
-
-    def capture(self, rows, q, kv_len, logits, device):
-        static = (torch.zeros((rows, q), dtype=torch.long),) + tuple(torch.zeros(rows, dtype=torch.long) for _ in range(4))
-        fn = lambda: self.group.forward(self.cache, *static, kv_len=kv_len, logits=logits)  # noqa: E731
-        out = fn()  # the "graph's" output buffer, rewritten by every replay
-        return EagerGraph(fn, out), static, out
-
-    monkeypatch.setattr(stacked_engine_module.GraphedForward, "_capture", capture)
+def test_cuda_graph_path_logic_with_eager_replays(eager_cuda_graphs):
+    # The graph path's own logic on the CPU (see the eager_cuda_graphs fixture in conftest.py).
     models = llama_members(3, eos_token_id=2)
     graphed = Ensemble(models, weights=[0.5, 0.3, 0.2], engine="stacked")
     graphed._engine.cuda_graphs = True
