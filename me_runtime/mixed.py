@@ -21,11 +21,15 @@ member's EOS token is sampled ("eos"), a stop string appears in the emitted byte
 max_new_tokens pieces were emitted or a member's context (max_seq_len positions) cannot take the
 next piece ("length").
 
-Batched on the device: each member has its own token stream per request (a `Batch` of its own,
-rows growing by different numbers of tokens per step, read through the engines' per-row positions)
-and its own one-member engine. One host transfer per step copies the emitted union ids (and for
-ME the next members): the stop checks and the spelling lengths (which size the next catch-up)
-need them on the host, as in the shared-vocabulary loop.
+Batched on the device: every member's token stream of every request lives in one Batch of M x B
+rows (`MixedStreams`; rows grow by different numbers of tokens per step, read through the engines'
+per-row positions). On the stacked engine all members run in one engine whose groups stack members
+of one layer shape although their vocabularies differ (padded to the largest): a step's rows, of
+whatever members, are one grouped forward per layer, and one sampling kernel draws every row's
+token from its own member's logits (`StackedMembers`). On the hf engine each member runs its own
+forward over its rows (`EngineMembers`). One host transfer per step copies the emitted union ids
+(and for ME the next members): the stop checks and the spelling lengths (which size the next
+catch-up) need them on the host, as in the shared-vocabulary loop.
 """
 from __future__ import annotations
 
