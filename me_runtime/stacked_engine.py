@@ -31,6 +31,7 @@ import torch
 import me_kernels
 
 from .architectures import shape_key, unsupported_reason
+from .arguments import sharded_devices
 from .decode import Batch
 from .stacked import StackedGroup
 
@@ -50,7 +51,11 @@ def check_supported(models: list[torch.nn.Module]) -> list[str | None]:
     first = next(models[0].parameters()).device
     for i, model in enumerate(models):
         device = next(model.parameters()).device
-        if reasons[i] is None and device != first:
+        shards = sharded_devices(model)
+        if reasons[i] is None and shards:
+            reasons[i] = (f"it is sharded over {', '.join(shards)} (a device map; the stacked engine runs a member "
+                          "on one device; use engine='hf')")
+        elif reasons[i] is None and device != first:
             reasons[i] = f"it is on {device} and member 0 on {first} (the stacked engine runs members on one device; use engine='hf')"
     return reasons
 
