@@ -232,18 +232,33 @@ class MemberWorker:
 
     # ---------------------------------------------------------------- scoring
     def token_logprobs(self, prompts: list[list[int]], conts: list[list[int]], full: bool):
-        """Per continuation token, its log-probability under this member given the true prefix
-        (float32, all rows' tokens concatenated: [sum of len(cont)]), or with full=True the fp32
-        logits at those positions ([sum of len(cont), V]). One padded forward per chunk of rows
-        (at most 16384 padded tokens and 256 MiB of kept logits per chunk)."""
-        out = []
+        """This member's log-probability of every continuation token given the true prefix, all
+        rows' tokens concatenated in order (float32 [sum of len(cont)]), computed as the local
+        engine computes it (the stacked engine's scoring forward, or the hf engine's padded
+        forward); full=True: the whole log-probability row at each of those positions
+        ([sum of len(cont), V], for the mixture's argmax)."""
+        per_row: list = [None] * len(prompts)
         with torch.inference_mode():
-            for lo, hi in _row_chunks(prompts, conts, self.vocab_size):
-                out.append(self._chunk_logits(prompts[lo:hi], conts[lo:hi], full))
-        return _to_wire(torch.cat(out))
+            if self.engine.name == "stacked":
+                one = torch.ones(1, dtype=torch.float32, device=self.device)
+                lengths = [len(p) + len(c) for p, c in zip(prompts, conts)]
+                for idx in self.engine._score_chunks(lengths):
+                    parts = [[] for _ in idx]
+                    for logp, targets, valid in self.engine.scored_positions(
+                            [prompts[i] for i in idx], [conts[i] for i in idx], one):
+                        picked = logp if full else logp.gather(2, targets[:, :, None]).squeeze(2)
+                        for j in range(len(idx)):
+                            parts[j].append(picked[j][valid[j]])
+                    for j, i in enumerate(idx):
+                        per_row[i] = torch.cat(parts[j])
+            else:
+                for lo, hi in _row_chunks(prompts, conts, self.vocab_size):
+                    rows = self._hf_logprobs(prompts[lo:hi], conts[lo:hi], full)
+                    per_row[lo:hi] = rows
+        return _to_wire(torch.cat(per_row).float())
 
-    def _chunk_logits(self, prompts, conts, full: bool) -> torch.Tensor:
-        model = self.model
+    def _hf_logprobs(self, prompts, conts, full: bool) -> list[torch.Tensor]:
+        """The hf engine's scoring forward (left-padded rows, one forward without cache)."""
         seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
         width = max(len(s) for s in seqs)
         cmax = max(len(c) for c in conts)
@@ -252,16 +267,17 @@ class MemberWorker:
         mask = (torch.arange(width)[None, :] >= torch.tensor(pad)[:, None]).long()
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         kwargs = {"logits_to_keep": cmax + 1} if self.accepts_logits_to_keep else {}
-        logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                       position_ids=positions.to(self.device), use_cache=False, **kwargs).logits
-        logits = logits[:, -cmax - 1 : -1, :].float()  # positions predicting the last cmax tokens
-        # each row's scored positions are its last len(cont) ones (rows are left-padded)
-        keep = torch.cat([torch.arange(r * cmax + cmax - len(c), (r + 1) * cmax) for r, c in enumerate(conts)])
-        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, keep.to(self.device))
-        if full:
-            return logits
-        targets = torch.tensor([tok for c in conts for tok in c], dtype=torch.long, device=self.device)
-        return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), use_cache=False, **kwargs).logits
+        # the positions predicting the last cmax tokens; row r's scored ones are its last len(cont)
+        logp = torch.log_softmax(logits[:, -cmax - 1 : -1, :].float(), dim=-1)
+        rows = []
+        for r, cont in enumerate(conts):
+            row = logp[r, cmax - len(cont) :]
+            if not full:
+                row = row.gather(1, torch.tensor(cont, dtype=torch.long, device=self.device)[:, None]).squeeze(1)
+            rows.append(row)
+        return rows
 
 
 def _row_chunks(prompts, conts, vocab: int, max_tokens: int = 16384, max_logit_bytes: int = 256 << 20):
@@ -661,7 +677,8 @@ class RayEnsemble:
                     done = set(finished)
                     keep = [r for r in range(batch.size) if r not in done]
                     batch.keep(keep, torch.tensor(keep, dtype=torch.long))
-                    members_host = [members_host[r] for r in keep]
+                    if method == "me":  # the members drawn for the next step, of the rows kept
+                        members_host = [members_host[r] for r in keep]
                     version += 1
         finally:
             bar.close()
