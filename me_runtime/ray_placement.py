@@ -148,6 +148,7 @@ class MemberWorker:
         else:
             self.engine = HFEngine([model], self.device, self.vocab_size)
         self.job = None  # the current generate call's state (SimpleNamespace), see begin()
+        self.busy_s = 0.0
 
     def info(self) -> dict:
         """What the driver needs to know of the member (sent once, after loading)."""
@@ -168,8 +169,8 @@ class MemberWorker:
                                    weights=torch.tensor(setup["weights"], dtype=torch.float32, device=self.device),
                                    wire_dtype=setup["wire_dtype"])
 
-    def step(self, job_id: int, t: int, setup: dict | None, active: list[int] | None, new_tokens: np.ndarray,
-             rows: np.ndarray | None, mode: str):
+    def step(self, job_id: int, t: int, setup: dict | None, active: list[int] | None, new_tokens: list[list[int]],
+             rows: list[int] | None, mode: str):
         """Step t of generate call `job_id`.
 
         setup: the call's requests, on the actor's first step of the call (else None): prompts
@@ -177,14 +178,27 @@ class MemberWorker:
             max_new_tokens, sampling kwargs, the mixture weights, the CE wire dtype.
         active: the request ids still active, when some finished since this actor's last call
             (else None).
-        new_tokens: int64 [B, k]: generated tokens k' .. t - 1 of every active row (k' = the
-            step of this actor's previous call, or 0), in the order of `active`.
-        rows: int64 [N], the rows (indices into the active requests) this member samples (mode
-            "me"); None: every row.
-        mode: "me" -> (tokens int64 [N], next members int32 [N]); "sample" (ME shared, single)
-            -> tokens int64 [B]; "logits" (CE) -> the next-token logits [B, V] of every row
-            (native dtype, or log-probabilities in the wire dtype).
+        new_tokens: B lists of k ints: generated tokens t - k .. t - 1 of every active row (t - k =
+            the step of this actor's previous call, or 0), in the order of `active`. (Small int
+            arrays travel as lists: Ray serialises them faster than numpy arrays.)
+        rows: the rows (indices into the active requests) this member samples (mode "me"); None:
+            every row.
+        mode: "me" -> (tokens [N], next members [N]) as lists of ints; "sample" (ME shared,
+            single) -> tokens [B] (list); "logits" (CE) -> the next-token logits [B, V] of every
+            row (native dtype, or log-probabilities in the wire dtype; a numpy array and its dtype).
         """
+        start = time.perf_counter()
+        try:
+            return self._step(job_id, t, setup, active, new_tokens, rows, mode)
+        finally:
+            self.busy_s += time.perf_counter() - start
+
+    def busy_seconds(self) -> float:
+        """Seconds spent inside step() since the actor started (the bench compares it with the
+        driver's wall time to find the transport's share)."""
+        return self.busy_s
+
+    def _step(self, job_id, t, setup, active, new_tokens, rows, mode):
         if setup is not None:
             self._begin(job_id, setup)
         job = self.job
@@ -198,10 +212,12 @@ class MemberWorker:
             keep_dev = torch.tensor(keep, dtype=torch.long, device=self.device)
             batch.keep(keep, keep_dev)
             self.engine.retire(keep, keep_dev)
-        if new_tokens.shape[1] != t - job.seen:
-            raise RuntimeError(f"member {self.index}: step {t} received tokens {job.seen}..{job.seen + new_tokens.shape[1]}")
-        if new_tokens.shape[1]:
-            batch.generated[:, job.seen : t] = torch.tensor(new_tokens, device=self.device)
+        count = len(new_tokens[0]) if new_tokens else 0
+        if count != t - job.seen or len(new_tokens) != batch.size:
+            raise RuntimeError(f"member {self.index}: step {t} received {len(new_tokens)} rows of tokens "
+                               f"{job.seen}..{job.seen + count}")
+        if count:
+            batch.generated[:, job.seen : t] = torch.tensor(new_tokens, dtype=torch.long, device=self.device)
         job.seen = t
         with torch.inference_mode():
             if mode == "logits":
@@ -210,19 +226,392 @@ class MemberWorker:
                     logits = torch.log_softmax(logits.float(), dim=-1).to(getattr(torch, job.wire_dtype))
                 return _to_wire(logits)
             if rows is None:
-                rows_host = list(range(batch.size))
+                rows = list(range(batch.size))
                 rows_dev = torch.arange(batch.size, device=self.device)
             else:
-                rows_host = rows.tolist()
-                rows_dev = torch.tensor(rows_host, dtype=torch.long, device=self.device)
-            logits = self.engine.rows_logits(batch, t, 0, rows_dev, rows_host)
+                rows_dev = torch.tensor(rows, dtype=torch.long, device=self.device)
+            logits = self.engine.rows_logits(batch, t, 0, rows_dev, rows)
             seeds = batch.seeds.index_select(0, rows_dev)
             if mode == "sample":
-                tokens = me_kernels.sample(logits, seed=seeds, offset=t, **job.sample_kwargs)
-                return tokens.cpu().numpy()
+                return me_kernels.sample(logits, seed=seeds, offset=t, **job.sample_kwargs).tolist()
             tokens, members = me_kernels.me_step(logits, job.weights, seed=seeds, offset=t, **job.sample_kwargs)
-            host = torch.stack([tokens, members.to(torch.long)]).cpu()  # one device -> host copy
-            return host[0].numpy(), host[1].to(torch.int32).numpy()
+            host = torch.stack([tokens, members.to(torch.long)]).tolist()  # one device -> host copy
+            return host[0], host[1]
+
+    def end(self) -> None:
+        """Release the current call's state (caches)."""
+        if self.job is not None:
+            self.engine.end()
+            self.job = None
+
+    # ---------------------------------------------------------------- scoring
+    def token_logprobs(self, prompts: list[list[int]], conts: list[list[int]], full: bool):
+        """This member's log-probability of every continuation token given the true prefix, all
+        rows' tokens concatenated in order (float32 [sum of len(cont)]), computed as the local
+        engine computes it (the stacked engine's scoring forward, or the hf engine's padded
+        forward); full=True: the whole log-probability row at each of those positions
+        ([sum of len(cont), V], for the mixture's argmax)."""
+        per_row: list = [None] * len(prompts)
+        with torch.inference_mode():
+            if self.engine.name == "stacked":
+                one = torch.ones(1, dtype=torch.float32, device=self.device)
+                lengths = [len(p) + len(c) for p, c in zip(prompts, conts)]
+                for idx in self.engine._score_chunks(lengths):
+                    parts = [[] for _ in idx]
+                    for logp, targets, valid in self.engine.scored_positions(
+                            [prompts[i] for i in idx], [conts[i] for i in idx], one):
+                        picked = logp if full else logp.gather(2, targets[:, :, None]).squeeze(2)
+                        for j in range(len(idx)):
+                            parts[j].append(picked[j][valid[j]])
+                    for j, i in enumerate(idx):
+                        per_row[i] = torch.cat(parts[j])
+            else:
+                for lo, hi in _row_chunks(prompts, conts, self.vocab_size):
+                    rows = self._hf_logprobs(prompts[lo:hi], conts[lo:hi], full)
+                    per_row[lo:hi] = rows
+        return _to_wire(torch.cat(per_row).float())
+
+    def _hf_logprobs(self, prompts, conts, full: bool) -> list[torch.Tensor]:
+        """The hf engine's scoring forward (left-padded rows, one forward without cache)."""
+        seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
+        width = max(len(s) for s in seqs)
+        cmax = max(len(c) for c in conts)
+        pad = [width - len(s) for s in seqs]
+        ids = torch.tensor([[0] * n + s for n, s in zip(pad, seqs)], dtype=torch.long)
+        mask = (torch.arange(width)[None, :] >= torch.tensor(pad)[:, None]).long()
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        kwargs = {"logits_to_keep": cmax + 1} if self.accepts_logits_to_keep else {}
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), use_cache=False, **kwargs).logits
+        # the positions predicting the last cmax tokens; row r's scored ones are its last len(cont)
+        logp = torch.log_softmax(logits[:, -cmax - 1 : -1, :].float(), dim=-1)
+        rows = []
+        for r, cont in enumerate(conts):
+            row = logp[r, cmax - len(cont) :]
+            if not full:
+                row = row.gather(1, torch.tensor(cont, dtype=torch.long, device=self.device)[:, None]).squeeze(1)
+            rows.append(row)
+        return rows
+
+
+def _row_chunks(prompts, conts, vocab: int, max_tokens: int = 16384, max_logit_bytes: int = 256 << 20):
+    """[lo, hi) ranges of rows whose padded forward and kept fp32 logits stay within bounds."""
+    lo, width, cmax = 0, 0, 0
+    for i in range(len(prompts)):
+        w, c = max(width, len(prompts[i]) + len(conts[i])), max(cmax, len(conts[i]))
+        rows = i - lo + 1
+        if i > lo and (rows * w > max_tokens or rows * (c + 1) * vocab * 4 > max_logit_bytes):
+            yield lo, i
+            lo, w, c = i, len(prompts[i]) + len(conts[i]), len(conts[i])
+        width, cmax = w, c
+    if lo < len(prompts):
+        yield lo, len(prompts)
+
+
+def _node_id() -> str | None:
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not inside Ray (a MemberWorker used directly)
+        return None
+
+
+# ====================================================================================== driver side
+class _LostMember(RuntimeError):
+    pass
+
+
+class RayEnsemble:
+    """Ensemble's generation and scoring API over members that live in Ray actors (one actor per
+    member). Build it with `Ensemble.from_pretrained(paths, placement="ray", ray_options=...)`; see
+    the module docstring for what runs where and what crosses the wire.
+
+    Public: generate, generate_ids, score, score_ids, score_rolling, score_rolling_ids (the
+    arguments and results of Ensemble's), num_members, weights, tokenizer, vocab_size,
+    max_seq_len, eos_token_ids, engine, actor_names, last_call_stats, close() (also a context
+    manager).
+
+    last_call_stats: after each generate call, {"method", "calls_per_step": [int] (remote calls
+    the driver made at each step), "members_per_step": [[member, ...]] (whose actors it called),
+    "end_calls": int (the fire-and-forget calls that free the actors' caches after the call)}; after
+    scoring, {"method": "score", "calls": int}.
+    """
+
+    def __init__(self, paths: list[str], weights, *, tokenizer, infos: list[dict], actors: list, actor_names: list[str],
+                 member_kwargs: dict, actor_options: list[dict], timeout_s: float, load_timeout_s: float,
+                 wire_dtype: str | None, namespace: str | None, max_seq_len: int | None):
+        self.paths = paths
+        self._weights = check_weights(weights, len(paths))
+        self.tokenizer = tokenizer
+        self.tokenizers = None  # members share one vocabulary (checked before the actors load)
+        self._infos = infos
+        self._actors = actors
+        self.actor_names = actor_names
+        self._member_kwargs = member_kwargs
+        self._actor_options = actor_options
+        self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.wire_dtype = wire_dtype
+        self.namespace = namespace
+        # stand-ins with what the shared helpers read of a model: .config and .generation_config
+        self.members = [SimpleNamespace(config=i["config"], generation_config=i["generation_config"]) for i in infos]
+        sizes = [i["vocab_size"] for i in infos]
+        if len(set(sizes)) != 1:
+            self.close()
+            raise ValueError(f"members' vocabularies differ (output sizes {sizes}); placement='ray' needs members "
+                             "that share one vocabulary")
+        self.vocab_size = sizes[0]
+        self.max_seq_len, self._limit_reason = check_max_seq_len(max_seq_len, self.members)
+        self.eos_token_ids = eos_token_ids(self.members, tokenizer)
+        self.last_call_stats: dict = {}
+        self._job = 0
+        self._test_step_hook = None  # tests: called as hook(t) after each step's replies
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, paths: Sequence[str], weights=None, *, dtype=None, device=None,
+                        trust_remote_code: bool = False, engine: str = "auto", max_seq_len: int | None = None,
+                        ray_options: dict | None = None) -> "RayEnsemble":
+        """Create one named actor per member (each loads its member with from_pretrained on its
+        node) and load the shared tokenizer on the driver. Arguments as Ensemble.from_pretrained;
+        `device` (one for all, or one per member) is the device inside each actor: default "cuda"
+        when the actor has num_gpus >= 1 ("auto", i.e. sharded with accelerate, when it has more
+        than one), else the CPU.
+
+        ray_options (all optional): timeout_s (default 60: a step or scoring call that takes
+        longer counts as a lost actor), load_timeout_s (default 900: creating an actor and loading
+        its member), ce_wire_dtype (None: the engine's logits, exact; "float16": log-probabilities
+        in half precision, see the module docstring), namespace (the actors' Ray namespace),
+        torch_threads (torch.set_num_threads in each actor); Ray actor options for every actor:
+        num_cpus (default 1), num_gpus (default 0), resources, memory, runtime_env,
+        scheduling_strategy, accelerator_type, max_restarts; and per_member: a list with one dict
+        of actor options per member, overriding the shared ones.
+        """
+        from transformers import AutoTokenizer
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = [os.fspath(p) for p in paths]
+        if not paths:
+            raise ValueError("paths must name at least one model")
+        check_weights(weights, len(paths))
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if max_seq_len is not None:
+            check_max_seq_len(max_seq_len, [])
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(paths)
+        if len(devices) != len(paths):
+            raise ValueError(f"device has {len(devices)} entries but there are {len(paths)} paths")
+        if isinstance(dtype, str) and dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype name")
+        options = _check_ray_options(ray_options, len(paths))
+        wire_dtype = options["ce_wire_dtype"]
+
+        tokenizers = []
+        for path in paths:
+            try:
+                tokenizers.append(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+            except (OSError, ValueError):  # no tokenizer here (or the path exists only on the actors' nodes)
+                tokenizers.append(None)
+        known = [t for t in tokenizers if t is not None]
+        if known and any(t.get_vocab() != known[0].get_vocab() for t in known[1:]):
+            raise ValueError("members' tokenizers differ: placement='ray' needs members that share one vocabulary "
+                             "(members with different tokenizers run with placement='local')")
+
+        if not ray.is_initialized():
+            ray.init()  # RAY_ADDRESS or a local cluster; call ray.init yourself to choose
+        member_kwargs = []
+        for i, (path, dev) in enumerate(zip(paths, devices)):
+            gpus = options["actor"][i].get("num_gpus", 0) or 0
+            if dev is None and gpus > 0:
+                dev = "auto" if gpus > 1 else "cuda"
+            member_kwargs.append({"dtype": dtype, "device": dev, "engine": engine, "max_seq_len": max_seq_len,
+                                  "trust_remote_code": trust_remote_code, "torch_threads": options["torch_threads"]})
+        actors, names = [None] * len(paths), [""] * len(paths)
+        pending = {i: _create_actor(i, paths[i], member_kwargs[i], options["actor"][i], options["namespace"])
+                   for i in range(len(paths))}
+        infos = [None] * len(paths)
+        try:
+            for i, info in _wait_loaded(pending, paths, options["load_timeout_s"]).items():
+                infos[i] = info
+        except BaseException:
+            for handle, _ in pending.values():
+                _kill(handle)
+            raise
+        for i, (handle, name) in pending.items():
+            actors[i], names[i] = handle, name
+        return cls(paths, weights, tokenizer=known[0] if known else None, infos=infos, actors=actors,
+                   actor_names=names, member_kwargs=member_kwargs, actor_options=options["actor"],
+                   timeout_s=options["timeout_s"], load_timeout_s=options["load_timeout_s"], wire_dtype=wire_dtype,
+                   namespace=options["namespace"], max_seq_len=max_seq_len)
+
+    # ---------------------------------------------------------------- actors
+    @property
+    def num_members(self) -> int:
+        return len(self.paths)
+
+    @property
+    def weights(self) -> list[float]:
+        """The normalised mixture weights."""
+        return list(self._weights)
+
+    @property
+    def engine(self) -> str:
+        """The engine member 0's actor runs ("stacked" or "hf")."""
+        return self._infos[0]["engine"]
+
+    def actors(self) -> list:
+        """The members' actor handles (None for a member lost and not yet re-created)."""
+        return list(self._actors)
+
+    def close(self) -> None:
+        """Kill every member's actor (their weights and caches go with them)."""
+        for m, handle in enumerate(self._actors):
+            if handle is not None:
+                _kill(handle)
+            self._actors[m] = None
+        self._closed = True
+
+    def __enter__(self) -> "RayEnsemble":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _ensure_actors(self) -> None:
+        """Re-create the actors of members lost in an earlier call (see the module docstring)."""
+        if getattr(self, "_closed", False):
+            raise RuntimeError("this RayEnsemble was closed (its actors are gone); build a new one")
+        lost = [m for m, handle in enumerate(self._actors) if handle is None]
+        if not lost:
+            return
+        pending = {m: _create_actor(m, self.paths[m], self._member_kwargs[m], self._actor_options[m], self.namespace)
+                   for m in lost}
+        try:
+            loaded = _wait_loaded(pending, self.paths, self.load_timeout_s)
+        except BaseException:
+            for handle, _ in pending.values():
+                _kill(handle)
+            raise
+        for m, (handle, name) in pending.items():
+            self._actors[m], self.actor_names[m] = handle, name
+            self._infos[m] = loaded[m]
+
+    def _lose(self, m: int) -> None:
+        handle, self._actors[m] = self._actors[m], None
+        if handle is not None:
+            _kill(handle)
+
+    def _gather(self, refs: list, members: list[int], what: str) -> list:
+        """Every reply of one round of calls (already launched), waiting at most timeout_s in all.
+        A dead or silent actor raises a RuntimeError naming its member; that actor is killed and
+        re-created by the next call."""
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except (GetTimeoutError, RayActorError, RayTaskError):
+            pass  # find out which member, below
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        ready = set(ready)
+        for ref, m in zip(refs, members):  # a dead actor's reply is "ready": report it first
+            if ref not in ready:
+                continue
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError as e:
+                self._lose(m)
+                raise RuntimeError(
+                    f"member {m} ({self.paths[m]}) is lost: its Ray actor {self.actor_names[m]!r} died during {what} "
+                    f"({type(e).__name__}). This call's results are lost; the next call of this RayEnsemble starts a "
+                    f"fresh actor for the member (loading it again)") from e
+            except RayTaskError as e:
+                raise RuntimeError(f"member {m} ({self.paths[m]}) failed in its actor during {what}: {e}") from e
+        for ref, m in zip(refs, members):
+            if ref not in ready:
+                self._lose(m)
+                raise RuntimeError(
+                    f"member {m} ({self.paths[m]}) did not answer {what} within timeout_s = {self.timeout_s:g} s: its "
+                    f"Ray actor {self.actor_names[m]!r} was killed and the next call of this RayEnsemble starts a fresh "
+                    f"one (loading the member again); raise ray_options['timeout_s'] if a step of this member can take "
+                    f"longer")
+        return ray.get(refs)  # (not reached: the first get failed for a reason found above)
+
+    # ---------------------------------------------------------------- generation
+    def _begin(self, job_id: int, setup: dict) -> None:
+        self.end()
+        batch = Batch(setup["prompts"], setup["seeds"], setup["max_new_tokens"], self.device)
+        batch.request_ids = list(setup["request_ids"])
+        self.engine.begin(batch)
+        self.job = SimpleNamespace(id=job_id, batch=batch, seen=0, sample_kwargs=setup["sample_kwargs"],
+                                   weights=torch.tensor(setup["weights"], dtype=torch.float32, device=self.device),
+                                   wire_dtype=setup["wire_dtype"])
+
+    def step(self, job_id: int, t: int, setup: dict | None, active: list[int] | None, new_tokens: list[list[int]],
+             rows: list[int] | None, mode: str):
+        """Step t of generate call `job_id`.
+
+        setup: the call's requests, on the actor's first step of the call (else None): prompts
+            (token-id lists of the requests still active), their request ids and seeds,
+            max_new_tokens, sampling kwargs, the mixture weights, the CE wire dtype.
+        active: the request ids still active, when some finished since this actor's last call
+            (else None).
+        new_tokens: B lists of k ints: generated tokens t - k .. t - 1 of every active row (t - k =
+            the step of this actor's previous call, or 0), in the order of `active`. (Small int
+            arrays travel as lists: Ray serialises them faster than numpy arrays.)
+        rows: the rows (indices into the active requests) this member samples (mode "me"); None:
+            every row.
+        mode: "me" -> (tokens [N], next members [N]) as lists of ints; "sample" (ME shared,
+            single) -> tokens [B] (list); "logits" (CE) -> the next-token logits [B, V] of every
+            row (native dtype, or log-probabilities in the wire dtype; a numpy array and its dtype).
+        """
+        start = time.perf_counter()
+        try:
+            return self._step(job_id, t, setup, active, new_tokens, rows, mode)
+        finally:
+            self.busy_s += time.perf_counter() - start
+
+    def busy_seconds(self) -> float:
+        """Seconds spent inside step() since the actor started (the bench compares it with the
+        driver's wall time to find the transport's share)."""
+        return self.busy_s
+
+    def _step(self, job_id, t, setup, active, new_tokens, rows, mode):
+        if setup is not None:
+            self._begin(job_id, setup)
+        job = self.job
+        if job is None or job.id != job_id:
+            raise RuntimeError(f"member {self.index}: step {t} of call {job_id} without its setup (the actor was "
+                               f"restarted?)")
+        batch = job.batch
+        if active is not None and list(active) != batch.request_ids:
+            keep_ids = set(active)
+            keep = [r for r, req in enumerate(batch.request_ids) if req in keep_ids]
+            keep_dev = torch.tensor(keep, dtype=torch.long, device=self.device)
+            batch.keep(keep, keep_dev)
+            self.engine.retire(keep, keep_dev)
+        count = len(new_tokens[0]) if new_tokens else 0
+        if count != t - job.seen or len(new_tokens) != batch.size:
+            raise RuntimeError(f"member {self.index}: step {t} received {len(new_tokens)} rows of tokens "
+                               f"{job.seen}..{job.seen + count}")
+        if count:
+            batch.generated[:, job.seen : t] = torch.tensor(new_tokens, dtype=torch.long, device=self.device)
+        job.seen = t
+        with torch.inference_mode():
+            if mode == "logits":
+                logits = self.engine.all_member_logits(batch, t)[0]
+                if job.wire_dtype is not None:
+                    logits = torch.log_softmax(logits.float(), dim=-1).to(getattr(torch, job.wire_dtype))
+                return _to_wire(logits)
+            if rows is None:
+                rows = list(range(batch.size))
+                rows_dev = torch.arange(batch.size, device=self.device)
+            else:
+                rows_dev = torch.tensor(rows, dtype=torch.long, device=self.device)
+            logits = self.engine.rows_logits(batch, t, 0, rows_dev, rows)
+            seeds = batch.seeds.index_select(0, rows_dev)
+            if mode == "sample":
+                return me_kernels.sample(logits, seed=seeds, offset=t, **job.sample_kwargs).tolist()
+            tokens, members = me_kernels.me_step(logits, job.weights, seed=seeds, offset=t, **job.sample_kwargs)
+            host = torch.stack([tokens, members.to(torch.long)]).tolist()  # one device -> host copy
+            return host[0], host[1]
 
     def end(self) -> None:
         """Release the current call's state (caches)."""
@@ -618,10 +1007,9 @@ class RayEnsemble:
                 seen[m], told_version[m] = 0, version
             elif told_version[m] != version:
                 active, told_version[m] = list(batch.request_ids), version
-            new_tokens = np.ascontiguousarray(batch.generated[:, seen[m] : t].numpy())
+            new_tokens = batch.generated[:, seen[m] : t].tolist()
             seen[m] = t
-            row_array = None if rows is None else np.asarray(rows, dtype=np.int64)
-            return self._actors[m].step.remote(job, t, setup, active, new_tokens, row_array, mode)
+            return self._actors[m].step.remote(job, t, setup, active, new_tokens, rows, mode)
 
         bar = tqdm(total=max_new_tokens, disable=not progress, desc=f"generate ({method}, ray)", unit="tok")
         try:
@@ -649,7 +1037,7 @@ class RayEnsemble:
                     tokens = me_kernels.mixture_sample(stacked, weights, seed=batch.seeds, offset=t, **sample_kwargs)
                     step = StepTokens(tokens, tokens.tolist(), [-1] * batch.size)
                 elif mode == "sample":
-                    tokens = torch.tensor(replies[0].tolist(), dtype=torch.long)
+                    tokens = torch.tensor(replies[0], dtype=torch.long)
                     producer = member if method == "single" else members_host[0]
                     step = StepTokens(tokens, tokens.tolist(), [producer] * batch.size)
                     if shared:
@@ -660,7 +1048,7 @@ class RayEnsemble:
                     tokens_host, next_host = [0] * batch.size, [0] * batch.size
                     for m, (toks, nxt) in zip(running, replies):
                         for j, row in enumerate(plan[m]):
-                            tokens_host[row], next_host[row] = int(toks[j]), int(nxt[j])
+                            tokens_host[row], next_host[row] = toks[j], nxt[j]
                     tokens = torch.tensor(tokens_host, dtype=torch.long)
                     step = StepTokens(tokens, tokens_host, members_host)
                     members_host = next_host
