@@ -81,13 +81,15 @@ ENGINES = ("auto", "stacked", "hf")
 METHODS = ("me", "ce", "single")
 SELECTIONS = ("independent", "shared")
 # ray_options keys: how the driver talks to the actors ...
-DRIVER_OPTIONS = ("timeout_s", "load_timeout_s", "ce_wire_dtype", "namespace", "torch_threads", "per_member")
+DRIVER_OPTIONS = ("timeout_s", "load_timeout_s", "ce_wire_dtype", "namespace", "torch_threads", "run_ahead",
+                  "per_member")
 # ... and what each actor is created with (ray's actor options; "per_member" overrides them per member)
 ACTOR_OPTIONS = ("num_cpus", "num_gpus", "resources", "memory", "runtime_env", "scheduling_strategy",
                  "accelerator_type", "max_restarts")
 WIRE_DTYPES = (None, "float16")
 DEFAULT_TIMEOUT_S = 60.0  # a step (or a scoring call) that takes longer counts as a lost actor
 DEFAULT_LOAD_TIMEOUT_S = 900.0  # creating an actor and loading its member
+DEFAULT_RUN_AHEAD = 16  # most steps one ME / single call may run past its own (see MemberWorker.step)
 
 
 # ====================================================================================== wire
@@ -167,10 +169,14 @@ class MemberWorker:
         self.engine.begin(batch)
         self.job = SimpleNamespace(id=job_id, batch=batch, seen=0, sample_kwargs=setup["sample_kwargs"],
                                    weights=torch.tensor(setup["weights"], dtype=torch.float32, device=self.device),
-                                   wire_dtype=setup["wire_dtype"])
+                                   wire_dtype=setup["wire_dtype"], eos_ids=frozenset(setup["eos_ids"]),
+                                   batch_seed=batch.seeds[:1].clone())
+        # (the actor's batch starts with the requests still active; "shared" draws need the
+        # generate call's first request's seed, whichever requests remain)
+        self.job.batch_seed.fill_(setup["batch_seed"])
 
     def step(self, job_id: int, t: int, setup: dict | None, active: list[int] | None, new_tokens: list[list[int]],
-             rows: list[int] | None, mode: str):
+             rows: list[int] | None, mode: str, run_ahead: int = 0):
         """Step t of generate call `job_id`.
 
         setup: the call's requests, on the actor's first step of the call (else None): prompts
@@ -183,13 +189,19 @@ class MemberWorker:
             arrays travel as lists: Ray serialises them faster than numpy arrays.)
         rows: the rows (indices into the active requests) this member samples (mode "me"); None:
             every row.
-        mode: "me" -> (tokens [N], next members [N]) as lists of ints; "sample" (ME shared,
-            single) -> tokens [B] (list); "logits" (CE) -> the next-token logits [B, V] of every
-            row (native dtype, or log-probabilities in the wire dtype; a numpy array and its dtype).
+        mode: "me" (ME, independent selection), "shared" (ME, shared selection), "single": returns
+            (runs, next): runs = K lists of the N rows' tokens (steps t .. t + K - 1), next = the
+            rows' members for step t + K ("me"), [the batch's member] ("shared") or None; "logits"
+            (CE) -> the next-token logits [B, V] of every row (native dtype, or log-probabilities
+            in the wire dtype; a numpy array and its dtype).
+        run_ahead: at most this many steps past t in the same call (K <= run_ahead + 1), taken
+            only while this member serves every active row and every row drew it again (and no
+            row sampled EOS): what the driver would otherwise ask in the next calls, with the
+            same numbers (each step's randomness is keyed by (seed, step)).
         """
         start = time.perf_counter()
         try:
-            return self._step(job_id, t, setup, active, new_tokens, rows, mode)
+            return self._step(job_id, t, setup, active, new_tokens, rows, mode, run_ahead)
         finally:
             self.busy_s += time.perf_counter() - start
 
@@ -198,7 +210,7 @@ class MemberWorker:
         driver's wall time to find the transport's share)."""
         return self.busy_s
 
-    def _step(self, job_id, t, setup, active, new_tokens, rows, mode):
+    def _step(self, job_id, t, setup, active, new_tokens, rows, mode, run_ahead):
         if setup is not None:
             self._begin(job_id, setup)
         job = self.job
@@ -230,13 +242,36 @@ class MemberWorker:
                 rows_dev = torch.arange(batch.size, device=self.device)
             else:
                 rows_dev = torch.tensor(rows, dtype=torch.long, device=self.device)
-            logits = self.engine.rows_logits(batch, t, 0, rows_dev, rows)
             seeds = batch.seeds.index_select(0, rows_dev)
-            if mode == "sample":
-                return me_kernels.sample(logits, seed=seeds, offset=t, **job.sample_kwargs).tolist()
-            tokens, members = me_kernels.me_step(logits, job.weights, seed=seeds, offset=t, **job.sample_kwargs)
-            host = torch.stack([tokens, members.to(torch.long)]).tolist()  # one device -> host copy
-            return host[0], host[1]
+            runs = []
+            while True:
+                step_t = t + len(runs)
+                logits = self.engine.rows_logits(batch, step_t, 0, rows_dev, rows)
+                if mode == "me":
+                    tokens, members = me_kernels.me_step(logits, job.weights, seed=seeds, offset=step_t,
+                                                         **job.sample_kwargs)
+                    host = torch.stack([tokens, members.to(torch.long)]).tolist()  # one device -> host copy
+                    toks, nxt = host
+                elif mode == "shared":  # the batch's next member: drawn from the first request's seed
+                    tokens = me_kernels.sample(logits, seed=seeds, offset=step_t, **job.sample_kwargs)
+                    member = me_kernels.select_members(job.weights, seed=job.batch_seed, offset=step_t + 1, batch=1)
+                    host = torch.cat([tokens, member.to(torch.long)]).tolist()
+                    toks, nxt = host[:-1], host[-1:]
+                else:  # "single"
+                    tokens = me_kernels.sample(logits, seed=seeds, offset=step_t, **job.sample_kwargs)
+                    toks, nxt = tokens.tolist(), None
+                runs.append(toks)
+                # Run ahead to step t + 1 only when the driver would call this actor alone, for
+                # every row, with nothing else to tell it: each row drew this member again and no
+                # row ended by EOS (stop strings end rows on the driver, which then drops what
+                # this actor produced past them: the rows are independent, so nothing else changes).
+                if len(runs) > run_ahead or len(rows) != batch.size or any(x in job.eos_ids for x in toks):
+                    break
+                if nxt is not None and any(x != self.index for x in nxt):
+                    break
+                batch.generated[:, step_t] = tokens  # this actor's own token, read at the next step
+                job.seen = step_t + 1
+            return runs, nxt
 
     def end(self) -> None:
         """Release the current call's state (caches)."""
@@ -316,10 +351,6 @@ def _node_id() -> str | None:
 
 
 # ====================================================================================== driver side
-class _LostMember(RuntimeError):
-    pass
-
-
 class RayEnsemble:
     """Ensemble's generation and scoring API over members that live in Ray actors (one actor per
     member). Build it with `Ensemble.from_pretrained(paths, placement="ray", ray_options=...)`; see
@@ -338,7 +369,8 @@ class RayEnsemble:
 
     def __init__(self, paths: list[str], weights, *, tokenizer, infos: list[dict], actors: list, actor_names: list[str],
                  member_kwargs: dict, actor_options: list[dict], timeout_s: float, load_timeout_s: float,
-                 wire_dtype: str | None, namespace: str | None, max_seq_len: int | None):
+                 wire_dtype: str | None, namespace: str | None, max_seq_len: int | None,
+                 run_ahead: int = DEFAULT_RUN_AHEAD):
         self.paths = paths
         self._weights = check_weights(weights, len(paths))
         self.tokenizer = tokenizer
@@ -351,6 +383,7 @@ class RayEnsemble:
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
         self.wire_dtype = wire_dtype
+        self.run_ahead = run_ahead
         self.namespace = namespace
         # stand-ins with what the shared helpers read of a model: .config and .generation_config
         self.members = [SimpleNamespace(config=i["config"], generation_config=i["generation_config"]) for i in infos]
@@ -442,7 +475,7 @@ class RayEnsemble:
         return cls(paths, weights, tokenizer=known[0] if known else None, infos=infos, actors=actors,
                    actor_names=names, member_kwargs=member_kwargs, actor_options=options["actor"],
                    timeout_s=options["timeout_s"], load_timeout_s=options["load_timeout_s"], wire_dtype=wire_dtype,
-                   namespace=options["namespace"], max_seq_len=max_seq_len)
+                   namespace=options["namespace"], max_seq_len=max_seq_len, run_ahead=options["run_ahead"])
 
     # ---------------------------------------------------------------- actors
     @property
@@ -533,377 +566,6 @@ class RayEnsemble:
                     f"one (loading the member again); raise ray_options['timeout_s'] if a step of this member can take "
                     f"longer")
         return ray.get(refs)  # (not reached: the first get failed for a reason found above)
-
-    # ---------------------------------------------------------------- generation
-    def _begin(self, job_id: int, setup: dict) -> None:
-        self.end()
-        batch = Batch(setup["prompts"], setup["seeds"], setup["max_new_tokens"], self.device)
-        batch.request_ids = list(setup["request_ids"])
-        self.engine.begin(batch)
-        self.job = SimpleNamespace(id=job_id, batch=batch, seen=0, sample_kwargs=setup["sample_kwargs"],
-                                   weights=torch.tensor(setup["weights"], dtype=torch.float32, device=self.device),
-                                   wire_dtype=setup["wire_dtype"])
-
-    def step(self, job_id: int, t: int, setup: dict | None, active: list[int] | None, new_tokens: list[list[int]],
-             rows: list[int] | None, mode: str):
-        """Step t of generate call `job_id`.
-
-        setup: the call's requests, on the actor's first step of the call (else None): prompts
-            (token-id lists of the requests still active), their request ids and seeds,
-            max_new_tokens, sampling kwargs, the mixture weights, the CE wire dtype.
-        active: the request ids still active, when some finished since this actor's last call
-            (else None).
-        new_tokens: B lists of k ints: generated tokens t - k .. t - 1 of every active row (t - k =
-            the step of this actor's previous call, or 0), in the order of `active`. (Small int
-            arrays travel as lists: Ray serialises them faster than numpy arrays.)
-        rows: the rows (indices into the active requests) this member samples (mode "me"); None:
-            every row.
-        mode: "me" -> (tokens [N], next members [N]) as lists of ints; "sample" (ME shared,
-            single) -> tokens [B] (list); "logits" (CE) -> the next-token logits [B, V] of every
-            row (native dtype, or log-probabilities in the wire dtype; a numpy array and its dtype).
-        """
-        start = time.perf_counter()
-        try:
-            return self._step(job_id, t, setup, active, new_tokens, rows, mode)
-        finally:
-            self.busy_s += time.perf_counter() - start
-
-    def busy_seconds(self) -> float:
-        """Seconds spent inside step() since the actor started (the bench compares it with the
-        driver's wall time to find the transport's share)."""
-        return self.busy_s
-
-    def _step(self, job_id, t, setup, active, new_tokens, rows, mode):
-        if setup is not None:
-            self._begin(job_id, setup)
-        job = self.job
-        if job is None or job.id != job_id:
-            raise RuntimeError(f"member {self.index}: step {t} of call {job_id} without its setup (the actor was "
-                               f"restarted?)")
-        batch = job.batch
-        if active is not None and list(active) != batch.request_ids:
-            keep_ids = set(active)
-            keep = [r for r, req in enumerate(batch.request_ids) if req in keep_ids]
-            keep_dev = torch.tensor(keep, dtype=torch.long, device=self.device)
-            batch.keep(keep, keep_dev)
-            self.engine.retire(keep, keep_dev)
-        count = len(new_tokens[0]) if new_tokens else 0
-        if count != t - job.seen or len(new_tokens) != batch.size:
-            raise RuntimeError(f"member {self.index}: step {t} received {len(new_tokens)} rows of tokens "
-                               f"{job.seen}..{job.seen + count}")
-        if count:
-            batch.generated[:, job.seen : t] = torch.tensor(new_tokens, dtype=torch.long, device=self.device)
-        job.seen = t
-        with torch.inference_mode():
-            if mode == "logits":
-                logits = self.engine.all_member_logits(batch, t)[0]
-                if job.wire_dtype is not None:
-                    logits = torch.log_softmax(logits.float(), dim=-1).to(getattr(torch, job.wire_dtype))
-                return _to_wire(logits)
-            if rows is None:
-                rows = list(range(batch.size))
-                rows_dev = torch.arange(batch.size, device=self.device)
-            else:
-                rows_dev = torch.tensor(rows, dtype=torch.long, device=self.device)
-            logits = self.engine.rows_logits(batch, t, 0, rows_dev, rows)
-            seeds = batch.seeds.index_select(0, rows_dev)
-            if mode == "sample":
-                return me_kernels.sample(logits, seed=seeds, offset=t, **job.sample_kwargs).tolist()
-            tokens, members = me_kernels.me_step(logits, job.weights, seed=seeds, offset=t, **job.sample_kwargs)
-            host = torch.stack([tokens, members.to(torch.long)]).tolist()  # one device -> host copy
-            return host[0], host[1]
-
-    def end(self) -> None:
-        """Release the current call's state (caches)."""
-        if self.job is not None:
-            self.engine.end()
-            self.job = None
-
-    # ---------------------------------------------------------------- scoring
-    def token_logprobs(self, prompts: list[list[int]], conts: list[list[int]], full: bool):
-        """This member's log-probability of every continuation token given the true prefix, all
-        rows' tokens concatenated in order (float32 [sum of len(cont)]), computed as the local
-        engine computes it (the stacked engine's scoring forward, or the hf engine's padded
-        forward); full=True: the whole log-probability row at each of those positions
-        ([sum of len(cont), V], for the mixture's argmax)."""
-        per_row: list = [None] * len(prompts)
-        with torch.inference_mode():
-            if self.engine.name == "stacked":
-                one = torch.ones(1, dtype=torch.float32, device=self.device)
-                lengths = [len(p) + len(c) for p, c in zip(prompts, conts)]
-                for idx in self.engine._score_chunks(lengths):
-                    parts = [[] for _ in idx]
-                    for logp, targets, valid in self.engine.scored_positions(
-                            [prompts[i] for i in idx], [conts[i] for i in idx], one):
-                        picked = logp if full else logp.gather(2, targets[:, :, None]).squeeze(2)
-                        for j in range(len(idx)):
-                            parts[j].append(picked[j][valid[j]])
-                    for j, i in enumerate(idx):
-                        per_row[i] = torch.cat(parts[j])
-            else:
-                for lo, hi in _row_chunks(prompts, conts, self.vocab_size):
-                    rows = self._hf_logprobs(prompts[lo:hi], conts[lo:hi], full)
-                    per_row[lo:hi] = rows
-        return _to_wire(torch.cat(per_row).float())
-
-    def _hf_logprobs(self, prompts, conts, full: bool) -> list[torch.Tensor]:
-        """The hf engine's scoring forward (left-padded rows, one forward without cache)."""
-        seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
-        width = max(len(s) for s in seqs)
-        cmax = max(len(c) for c in conts)
-        pad = [width - len(s) for s in seqs]
-        ids = torch.tensor([[0] * n + s for n, s in zip(pad, seqs)], dtype=torch.long)
-        mask = (torch.arange(width)[None, :] >= torch.tensor(pad)[:, None]).long()
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        kwargs = {"logits_to_keep": cmax + 1} if self.accepts_logits_to_keep else {}
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), use_cache=False, **kwargs).logits
-        # the positions predicting the last cmax tokens; row r's scored ones are its last len(cont)
-        logp = torch.log_softmax(logits[:, -cmax - 1 : -1, :].float(), dim=-1)
-        rows = []
-        for r, cont in enumerate(conts):
-            row = logp[r, cmax - len(cont) :]
-            if not full:
-                row = row.gather(1, torch.tensor(cont, dtype=torch.long, device=self.device)[:, None]).squeeze(1)
-            rows.append(row)
-        return rows
-
-
-def _row_chunks(prompts, conts, vocab: int, max_tokens: int = 16384, max_logit_bytes: int = 256 << 20):
-    """[lo, hi) ranges of rows whose padded forward and kept fp32 logits stay within bounds."""
-    lo, width, cmax = 0, 0, 0
-    for i in range(len(prompts)):
-        w, c = max(width, len(prompts[i]) + len(conts[i])), max(cmax, len(conts[i]))
-        rows = i - lo + 1
-        if i > lo and (rows * w > max_tokens or rows * (c + 1) * vocab * 4 > max_logit_bytes):
-            yield lo, i
-            lo, w, c = i, len(prompts[i]) + len(conts[i]), len(conts[i])
-        width, cmax = w, c
-    if lo < len(prompts):
-        yield lo, len(prompts)
-
-
-def _node_id() -> str | None:
-    try:
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # not inside Ray (a MemberWorker used directly)
-        return None
-
-
-# ====================================================================================== driver side
-class _LostMember(RuntimeError):
-    pass
-
-
-class RayEnsemble:
-    """Ensemble's generation and scoring API over members that live in Ray actors (one actor per
-    member). Build it with `Ensemble.from_pretrained(paths, placement="ray", ray_options=...)`; see
-    the module docstring for what runs where and what crosses the wire.
-
-    Public: generate, generate_ids, score, score_ids, score_rolling, score_rolling_ids (the
-    arguments and results of Ensemble's), num_members, weights, tokenizer, vocab_size,
-    max_seq_len, eos_token_ids, engine, actor_names, last_call_stats, close() (also a context
-    manager).
-
-    last_call_stats: after each generate call, {"method", "calls_per_step": [int] (remote calls
-    the driver made at each step), "members_per_step": [[member, ...]] (whose actors it called),
-    "end_calls": int (the fire-and-forget calls that free the actors' caches after the call)}; after
-    scoring, {"method": "score", "calls": int}.
-    """
-
-    def __init__(self, paths: list[str], weights, *, tokenizer, infos: list[dict], actors: list, actor_names: list[str],
-                 member_kwargs: dict, actor_options: list[dict], timeout_s: float, load_timeout_s: float,
-                 wire_dtype: str | None, namespace: str | None, max_seq_len: int | None):
-        self.paths = paths
-        self._weights = check_weights(weights, len(paths))
-        self.tokenizer = tokenizer
-        self.tokenizers = None  # members share one vocabulary (checked before the actors load)
-        self._infos = infos
-        self._actors = actors
-        self.actor_names = actor_names
-        self._member_kwargs = member_kwargs
-        self._actor_options = actor_options
-        self.timeout_s = timeout_s
-        self.load_timeout_s = load_timeout_s
-        self.wire_dtype = wire_dtype
-        self.namespace = namespace
-        # stand-ins with what the shared helpers read of a model: .config and .generation_config
-        self.members = [SimpleNamespace(config=i["config"], generation_config=i["generation_config"]) for i in infos]
-        sizes = [i["vocab_size"] for i in infos]
-        if len(set(sizes)) != 1:
-            self.close()
-            raise ValueError(f"members' vocabularies differ (output sizes {sizes}); placement='ray' needs members "
-                             "that share one vocabulary")
-        self.vocab_size = sizes[0]
-        self.max_seq_len, self._limit_reason = check_max_seq_len(max_seq_len, self.members)
-        self.eos_token_ids = eos_token_ids(self.members, tokenizer)
-        self.last_call_stats: dict = {}
-        self._job = 0
-        self._test_step_hook = None  # tests: called as hook(t) after each step's replies
-
-    # ---------------------------------------------------------------- construction
-    @classmethod
-    def from_pretrained(cls, paths: Sequence[str], weights=None, *, dtype=None, device=None,
-                        trust_remote_code: bool = False, engine: str = "auto", max_seq_len: int | None = None,
-                        ray_options: dict | None = None) -> "RayEnsemble":
-        """Create one named actor per member (each loads its member with from_pretrained on its
-        node) and load the shared tokenizer on the driver. Arguments as Ensemble.from_pretrained;
-        `device` (one for all, or one per member) is the device inside each actor: default "cuda"
-        when the actor has num_gpus >= 1 ("auto", i.e. sharded with accelerate, when it has more
-        than one), else the CPU.
-
-        ray_options (all optional): timeout_s (default 60: a step or scoring call that takes
-        longer counts as a lost actor), load_timeout_s (default 900: creating an actor and loading
-        its member), ce_wire_dtype (None: the engine's logits, exact; "float16": log-probabilities
-        in half precision, see the module docstring), namespace (the actors' Ray namespace),
-        torch_threads (torch.set_num_threads in each actor); Ray actor options for every actor:
-        num_cpus (default 1), num_gpus (default 0), resources, memory, runtime_env,
-        scheduling_strategy, accelerator_type, max_restarts; and per_member: a list with one dict
-        of actor options per member, overriding the shared ones.
-        """
-        from transformers import AutoTokenizer
-
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        paths = [os.fspath(p) for p in paths]
-        if not paths:
-            raise ValueError("paths must name at least one model")
-        check_weights(weights, len(paths))
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        if max_seq_len is not None:
-            check_max_seq_len(max_seq_len, [])
-        devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(paths)
-        if len(devices) != len(paths):
-            raise ValueError(f"device has {len(devices)} entries but there are {len(paths)} paths")
-        if isinstance(dtype, str) and dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype {dtype!r} is not a torch dtype name")
-        options = _check_ray_options(ray_options, len(paths))
-        wire_dtype = options["ce_wire_dtype"]
-
-        tokenizers = []
-        for path in paths:
-            try:
-                tokenizers.append(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
-            except (OSError, ValueError):  # no tokenizer here (or the path exists only on the actors' nodes)
-                tokenizers.append(None)
-        known = [t for t in tokenizers if t is not None]
-        if known and any(t.get_vocab() != known[0].get_vocab() for t in known[1:]):
-            raise ValueError("members' tokenizers differ: placement='ray' needs members that share one vocabulary "
-                             "(members with different tokenizers run with placement='local')")
-
-        if not ray.is_initialized():
-            ray.init()  # RAY_ADDRESS or a local cluster; call ray.init yourself to choose
-        member_kwargs = []
-        for i, (path, dev) in enumerate(zip(paths, devices)):
-            gpus = options["actor"][i].get("num_gpus", 0) or 0
-            if dev is None and gpus > 0:
-                dev = "auto" if gpus > 1 else "cuda"
-            member_kwargs.append({"dtype": dtype, "device": dev, "engine": engine, "max_seq_len": max_seq_len,
-                                  "trust_remote_code": trust_remote_code, "torch_threads": options["torch_threads"]})
-        actors, names = [None] * len(paths), [""] * len(paths)
-        pending = {i: _create_actor(i, paths[i], member_kwargs[i], options["actor"][i], options["namespace"])
-                   for i in range(len(paths))}
-        infos = [None] * len(paths)
-        try:
-            for i, info in _wait_loaded(pending, paths, options["load_timeout_s"]).items():
-                infos[i] = info
-        except BaseException:
-            for handle, _ in pending.values():
-                _kill(handle)
-            raise
-        for i, (handle, name) in pending.items():
-            actors[i], names[i] = handle, name
-        return cls(paths, weights, tokenizer=known[0] if known else None, infos=infos, actors=actors,
-                   actor_names=names, member_kwargs=member_kwargs, actor_options=options["actor"],
-                   timeout_s=options["timeout_s"], load_timeout_s=options["load_timeout_s"], wire_dtype=wire_dtype,
-                   namespace=options["namespace"], max_seq_len=max_seq_len)
-
-    # ---------------------------------------------------------------- actors
-    @property
-    def num_members(self) -> int:
-        return len(self.paths)
-
-    @property
-    def weights(self) -> list[float]:
-        """The normalised mixture weights."""
-        return list(self._weights)
-
-    @property
-    def engine(self) -> str:
-        """The engine member 0's actor runs ("stacked" or "hf")."""
-        return self._infos[0]["engine"]
-
-    def actors(self) -> list:
-        """The members' actor handles (None for a member lost and not yet re-created)."""
-        return list(self._actors)
-
-    def close(self) -> None:
-        """Kill every member's actor (their weights and caches go with them)."""
-        for m, handle in enumerate(self._actors):
-            if handle is not None:
-                _kill(handle)
-            self._actors[m] = None
-        self._closed = True
-
-    def __enter__(self) -> "RayEnsemble":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _ensure_actors(self) -> None:
-        """Re-create the actors of members lost in an earlier call (see the module docstring)."""
-        if getattr(self, "_closed", False):
-            raise RuntimeError("this RayEnsemble was closed (its actors are gone); build a new one")
-        lost = [m for m, handle in enumerate(self._actors) if handle is None]
-        if not lost:
-            return
-        pending = {m: _create_actor(m, self.paths[m], self._member_kwargs[m], self._actor_options[m], self.namespace)
-                   for m in lost}
-        try:
-            loaded = _wait_loaded(pending, self.paths, self.load_timeout_s)
-        except BaseException:
-            for handle, _ in pending.values():
-                _kill(handle)
-            raise
-        for m, (handle, name) in pending.items():
-            self._actors[m], self.actor_names[m] = handle, name
-            self._infos[m] = loaded[m]
-
-    def _lose(self, m: int) -> None:
-        handle, self._actors[m] = self._actors[m], None
-        if handle is not None:
-            _kill(handle)
-
-    def _gather(self, refs: list, members: list[int], what: str) -> list:
-        """Every reply of one round of calls (already launched), waiting at most timeout_s in all.
-        A dead or silent actor raises a RuntimeError naming its member; that actor is killed and
-        re-created by the next call."""
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        ready = set(ready)
-        for ref, m in zip(refs, members):  # a dead actor's reply is "ready": report it first
-            if ref not in ready:
-                continue
-            try:
-                ray.get(ref, timeout=0)
-            except RayActorError as e:
-                self._lose(m)
-                raise RuntimeError(
-                    f"member {m} ({self.paths[m]}) is lost: its Ray actor {self.actor_names[m]!r} died during {what} "
-                    f"({type(e).__name__}). This call's results are lost; the next call of this RayEnsemble starts a "
-                    f"fresh actor for the member (loading it again)") from e
-            except RayTaskError as e:
-                raise RuntimeError(f"member {m} ({self.paths[m]}) failed in its actor during {what}: {e}") from e
-        for ref, m in zip(refs, members):
-            if ref not in ready:
-                self._lose(m)
-                raise RuntimeError(
-                    f"member {m} ({self.paths[m]}) did not answer {what} within timeout_s = {self.timeout_s:g} s: its "
-                    f"Ray actor {self.actor_names[m]!r} was killed and the next call of this RayEnsemble starts a fresh "
-                    f"one (loading the member again); raise ray_options['timeout_s'] if a step of this member can take "
-                    f"longer")
-        return ray.get(refs)
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompts, **options) -> list[Generation]:
@@ -1003,23 +665,35 @@ class RayEnsemble:
             if m not in seen:  # the actor's first step of this call: the active requests
                 setup = {"prompts": [prompts[r] for r in batch.request_ids], "request_ids": list(batch.request_ids),
                          "seeds": [seeds[r] for r in batch.request_ids], "max_new_tokens": max_new_tokens,
-                         "sample_kwargs": sample_kwargs, "weights": list(self._weights), "wire_dtype": self.wire_dtype}
+                         "sample_kwargs": sample_kwargs, "weights": list(self._weights), "wire_dtype": self.wire_dtype,
+                         "eos_ids": sorted(self.eos_token_ids), "batch_seed": seeds[0]}
                 seen[m], told_version[m] = 0, version
             elif told_version[m] != version:
                 active, told_version[m] = list(batch.request_ids), version
             new_tokens = batch.generated[:, seen[m] : t].tolist()
             seen[m] = t
-            return self._actors[m].step.remote(job, t, setup, active, new_tokens, rows, mode)
+            run_ahead = min(self.run_ahead, max_new_tokens - 1 - t) if mode != "logits" else 0
+            return self._actors[m].step.remote(job, t, setup, active, new_tokens, rows, mode, run_ahead)
+
+        def retire(finished: list[int]) -> None:
+            nonlocal version, members_host
+            done = set(finished)
+            keep = [r for r in range(batch.size) if r not in done]
+            batch.keep(keep, torch.tensor(keep, dtype=torch.long))
+            if method == "me":  # the members drawn for the next step, of the rows kept
+                members_host = [members_host[r] for r in keep]
+            version += 1
 
         bar = tqdm(total=max_new_tokens, disable=not progress, desc=f"generate ({method}, ray)", unit="tok")
         try:
-            for t in range(max_new_tokens):
+            t = 0
+            while t < max_new_tokens:
                 if method == "ce":
                     plan, mode = {m: None for m in range(self.num_members)}, "logits"
                 elif method == "single":
-                    plan, mode = {member: None}, "sample"
+                    plan, mode = {member: None}, "single"
                 elif shared:
-                    plan, mode = {members_host[0]: None}, "sample"
+                    plan, mode = {members_host[0]: None}, "shared"
                 else:
                     plan, mode = {}, "me"
                     for row, m in enumerate(members_host):
@@ -1035,39 +709,54 @@ class RayEnsemble:
                     logits = [_from_wire(r) for r in replies]
                     stacked = torch.stack(logits if self.wire_dtype is None else [x.float() for x in logits])
                     tokens = me_kernels.mixture_sample(stacked, weights, seed=batch.seeds, offset=t, **sample_kwargs)
-                    step = StepTokens(tokens, tokens.tolist(), [-1] * batch.size)
-                elif mode == "sample":
-                    tokens = torch.tensor(replies[0], dtype=torch.long)
-                    producer = member if method == "single" else members_host[0]
-                    step = StepTokens(tokens, tokens.tolist(), [producer] * batch.size)
-                    if shared:
-                        nxt = me_kernels.select_members(weights, seed=batch_seed, offset=t + 1, batch=1).item()
-                        members_host = [nxt] * batch.size
-                        self._check_members(members_host, t)
+                    steps = [(tokens.tolist(), [-1] * batch.size)]
+                    next_by_request = None
                 else:
-                    tokens_host, next_host = [0] * batch.size, [0] * batch.size
-                    for m, (toks, nxt) in zip(running, replies):
-                        for j, row in enumerate(plan[m]):
-                            tokens_host[row], next_host[row] = toks[j], nxt[j]
+                    # each call's rows as request ids (rows may retire during a run of steps)
+                    steps, next_by_request = [], {}
+                    runs = [reply[0] for reply in replies]
+                    calls_rows = [[batch.request_ids[r] for r in (plan[m] if plan[m] is not None else range(batch.size))]
+                                  for m in running]
+                    for j in range(len(runs[0])):  # K > 1 only for a call that served every row alone
+                        by_request = {}
+                        for run, requests in zip(runs, calls_rows):
+                            by_request.update(zip(requests, run[j]))
+                        steps.append(by_request)
+                    for m, (run, nxt), requests in zip(running, replies, calls_rows):
+                        seen[m] += len(run) - 1  # the actor read its own tokens of the run
+                        if mode == "me":
+                            next_by_request.update(zip(requests, nxt))
+                        elif mode == "shared":
+                            next_by_request = nxt[0]
+                    producers = {req: m for m, requests in zip(running, calls_rows) for req in requests}
+                for j, step_out in enumerate(steps):
+                    if method == "ce":
+                        tokens_host, members_now = step_out
+                    else:
+                        tokens_host = [step_out[req] for req in batch.request_ids]
+                        members_now = [producers[req] for req in batch.request_ids]
                     tokens = torch.tensor(tokens_host, dtype=torch.long)
-                    step = StepTokens(tokens, tokens_host, members_host)
-                    members_host = next_host
-                    self._check_members(members_host, t)
-                batch.generated[:, t] = tokens
-                bar.update(1)
-                finished = record_tokens(results, batch, step, t, max_new_tokens=max_new_tokens,
-                                         eos_ids=self.eos_token_ids, stop_checker=stop_checker)
-                if self._test_step_hook is not None:
-                    self._test_step_hook(t)
-                if len(finished) == batch.size:
-                    break
-                if finished:
-                    done = set(finished)
-                    keep = [r for r in range(batch.size) if r not in done]
-                    batch.keep(keep, torch.tensor(keep, dtype=torch.long))
-                    if method == "me":  # the members drawn for the next step, of the rows kept
-                        members_host = [members_host[r] for r in keep]
-                    version += 1
+                    batch.generated[:, t] = tokens
+                    bar.update(1)
+                    finished = record_tokens(results, batch, StepTokens(tokens, tokens_host, members_now), t,
+                                             max_new_tokens=max_new_tokens, eos_ids=self.eos_token_ids,
+                                             stop_checker=stop_checker)
+                    if self._test_step_hook is not None:
+                        self._test_step_hook(t)
+                    t += 1
+                    if j > 0:  # a step the previous call ran ahead to: no call of its own
+                        stats["calls_per_step"].append(0)
+                        stats["members_per_step"].append([])
+                    if len(finished) == batch.size:
+                        return results
+                    if finished:
+                        retire(finished)
+                if mode == "me":
+                    members_host = [next_by_request[req] for req in batch.request_ids]
+                    self._check_members(members_host, t - 1)
+                elif mode == "shared":
+                    members_host = [next_by_request] * batch.size
+                    self._check_members(members_host, t - 1)
         finally:
             bar.close()
             for m in seen:  # free the actors' caches; nothing waits for these replies
@@ -1254,6 +943,10 @@ def _check_ray_options(ray_options, num_members: int) -> dict:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"ray_options['torch_threads'] must be None or an int >= 1, got {threads!r}")
     out["torch_threads"] = threads
+    run_ahead = ray_options.get("run_ahead", DEFAULT_RUN_AHEAD)
+    if isinstance(run_ahead, bool) or not isinstance(run_ahead, int) or run_ahead < 0:
+        raise ValueError(f"ray_options['run_ahead'] must be an int >= 0, got {run_ahead!r}")
+    out["run_ahead"] = run_ahead
     out["namespace"] = ray_options.get("namespace")
     shared = {k: v for k, v in ray_options.items() if k in ACTOR_OPTIONS}
     shared.setdefault("num_cpus", 1)

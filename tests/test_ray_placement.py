@@ -64,14 +64,26 @@ def _same(a, b):
     assert [g.text for g in a] == [g.text for g in b]
 
 
+@pytest.fixture
+def run_ahead(remote, request):
+    """Sets remote.run_ahead for one test (0: one call per step, the protocol without run-ahead)."""
+    saved, remote.run_ahead = remote.run_ahead, request.param
+    yield request.param
+    remote.run_ahead = saved
+
+
+@pytest.mark.parametrize("run_ahead", [0, 16], indirect=True)
 @pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_same_tokens_as_local(local, remote, name):
+def test_same_tokens_as_local(local, remote, name, run_ahead):
     kwargs = dict(OPTIONS[name], max_new_tokens=NEW_TOKENS, seed=SEEDS, stop=STOP)
     expected = local.generate(PROMPTS, **kwargs)
     _same(remote.generate(PROMPTS, **kwargs), expected)
     # the case covers requests that finish early (rows retire while others go on) and full ones
     lengths = {len(g.token_ids) for g in expected}
     assert len(lengths) > 1, lengths
+    # one request alone: where running ahead happens most (ME: every time a member is drawn again)
+    kwargs["seed"] = SEEDS[0]
+    _same(remote.generate(PROMPTS[:1], **kwargs), local.generate(PROMPTS[:1], **kwargs))
 
 
 def test_same_tokens_in_batches_and_with_top_p(local, remote):
@@ -79,7 +91,8 @@ def test_same_tokens_in_batches_and_with_top_p(local, remote):
     _same(remote.generate(PROMPTS, **kwargs), local.generate(PROMPTS, **kwargs))
 
 
-def test_one_call_per_running_member_per_step(remote):
+@pytest.mark.parametrize("run_ahead", [0], indirect=True)
+def test_one_call_per_running_member_per_step(remote, run_ahead):
     gens = remote.generate(PROMPTS, method="me", max_new_tokens=NEW_TOKENS, seed=SEEDS)
     stats = remote.last_call_stats
     assert len(stats["calls_per_step"]) == max(len(g.token_ids) for g in gens)
@@ -96,6 +109,31 @@ def test_one_call_per_running_member_per_step(remote):
     assert [[m] for m in gens[0].members] == remote.last_call_stats["members_per_step"]
     remote.generate(PROMPTS, method="single", member=0, max_new_tokens=6, seed=SEEDS)
     assert remote.last_call_stats["members_per_step"] == [[0]] * 6
+
+
+@pytest.mark.parametrize("run_ahead", [16], indirect=True)
+def test_running_ahead_saves_calls_and_nothing_else(local, remote, run_ahead):
+    """With run_ahead, a step is either called (one call per running member) or was run by the
+    previous step's call, whose actor served every row alone and which every row drew again."""
+    for kwargs in (dict(method="me", seed=SEEDS), dict(method="me", seed=SEEDS[:1]),
+                   dict(method="me", selection="shared", seed=SEEDS), dict(method="single", member=0, seed=SEEDS)):
+        prompts = PROMPTS[: len(kwargs["seed"])]
+        gens = remote.generate(prompts, max_new_tokens=NEW_TOKENS, **kwargs)
+        _same(gens, local.generate(prompts, max_new_tokens=NEW_TOKENS, **kwargs))
+        stats = remote.last_call_stats
+        assert len(stats["calls_per_step"]) == NEW_TOKENS
+        for t, (calls, called) in enumerate(zip(stats["calls_per_step"], stats["members_per_step"])):
+            chosen = sorted({g.members[t] for g in gens})
+            assert calls == len(called)
+            if calls:
+                assert called == chosen, t
+            else:  # ran ahead: one member serves every row at t - 1 and at t
+                assert len(chosen) == 1 and {g.members[t - 1] for g in gens} == set(chosen), t
+        assert stats["calls_per_step"][0] > 0
+        if kwargs["method"] == "single" or len(prompts) == 1:
+            assert sum(stats["calls_per_step"]) < NEW_TOKENS  # the calls saved
+    # single, no EOS in these 24 tokens: one call per run_ahead + 1 steps
+    assert remote.last_call_stats["calls_per_step"] == [int(t % (run_ahead + 1) == 0) for t in range(NEW_TOKENS)]
 
 
 def test_scores_equal_local(local, remote):
