@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     local = Ensemble.from_pretrained(paths, weights, dtype="float32")
     remote = Ensemble.from_pretrained(paths, weights, dtype="float32", placement="ray",
                                       ray_options={"torch_threads": 1, "num_cpus": 0})
+    run_ahead = remote.run_ahead
     seed_actors = [ray.remote(SeedMember).options(num_cpus=0).remote(path) for path in paths]
     ray.get([a.ping.remote() for a in seed_actors])
     tok = local.tokenizer
@@ -151,6 +152,10 @@ def main(argv=None) -> int:
             local_s, local_tokens = best_of(lambda: run(local), args.repeats)
             ray_s, ray_tokens = best_of(lambda: run(remote), args.repeats)
             calls = remote.last_call_stats["calls_per_step"]
+            remote.run_ahead = 0  # the protocol of one call per step and running member
+            strict_s, strict_tokens = best_of(lambda: run(remote), args.repeats)
+            strict_calls = remote.last_call_stats["calls_per_step"]
+            remote.run_ahead = run_ahead
             busy0 = sum(ray.get([a.busy_seconds.remote() for a in remote.actors()]))
             cpu0, wall0 = time.process_time(), time.perf_counter()
             run(remote)
@@ -173,6 +178,10 @@ def main(argv=None) -> int:
                 "ray_over_local": (ray_tokens / ray_s) / (local_tokens / local_s),
                 "ray_over_seed": (ray_tokens / ray_s) / (seed_tokens / seed_s),
                 "ray_calls_per_step": sum(calls) / len(calls),
+                "ray_no_run_ahead_tok_s": strict_tokens / strict_s,
+                "ray_no_run_ahead_over_local": (strict_tokens / strict_s) / (local_tokens / local_s),
+                "ray_no_run_ahead_over_seed": (strict_tokens / strict_s) / (seed_tokens / seed_s),
+                "ray_no_run_ahead_calls_per_step": sum(strict_calls) / len(strict_calls),
                 "ms_per_step": {"local": local_s / args.new_tokens * 1e3, "ray": ray_s / args.new_tokens * 1e3,
                                 "seed": seed_s / (args.new_tokens * (1 if batch == 1 else batch)) * 1e3},
                 "ray_ms_per_step_breakdown": ray_breakdown,
@@ -193,11 +202,15 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"empty actor call: {empty_ms:.3f} ms")
-    print("| batch | method | local tok/s | ray tok/s | seed design tok/s | ray / local | ray / seed | calls/step |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| batch | method | local tok/s | ray tok/s (calls/step) | ray, run_ahead=0 tok/s (calls/step) | seed design "
+          "tok/s | ray / local | ray / seed | run_ahead=0: / local, / seed |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['method']} | {r['local_tok_s']:.1f} | {r['ray_tok_s']:.1f} | {r['seed_tok_s']:.1f} | "
-              f"{r['ray_over_local']:.2f}x | {r['ray_over_seed']:.2f}x | {r['ray_calls_per_step']:.2f} |")
+        print(f"| {r['batch']} | {r['method']} | {r['local_tok_s']:.1f} | {r['ray_tok_s']:.1f} "
+              f"({r['ray_calls_per_step']:.2f}) | {r['ray_no_run_ahead_tok_s']:.1f} "
+              f"({r['ray_no_run_ahead_calls_per_step']:.2f}) | {r['seed_tok_s']:.1f} | {r['ray_over_local']:.2f}x | "
+              f"{r['ray_over_seed']:.2f}x | {r['ray_no_run_ahead_over_local']:.2f}x, "
+              f"{r['ray_no_run_ahead_over_seed']:.2f}x |")
     return 0
 
 
