@@ -15,22 +15,28 @@ Who does what:
   its own copy of the batch (`decode.Batch`), and the package's sampling kernels.
 * The driver holds every request's token history, runs the stop checks (EOS, stop strings,
   max_new_tokens: `decode.record_tokens`, exactly as locally) and decides which actors run a step.
-  A step launches every running actor's call before it waits for any (one `ray.get` per reply,
-  under one deadline), so the members of a CE step run in parallel.
+  A step launches every running actor's call before it waits for any (one `ray.get` of all the
+  replies, under one deadline), so the members of a step run in parallel.
 
 What crosses the wire per step (B active requests, V the vocabulary; `last_call_stats` counts the
 calls):
 
 * ME ("independent"): one call to each member that some row drew for the step. It carries the
-  tokens generated since that actor's previous call for every active row (int64 [B, k]: k >= 1
+  tokens generated since that actor's previous call for every active row (B x k ids: k >= 1
   steps, the catch-up; the hf engine's forward reads every row, so every row's tokens go) and the
   indices of the rows that chose it; the actor catches up, samples those rows' tokens with
   `me_kernels.me_step` (seed and offset t of each row, so the numbers are those of the local run)
-  and draws their members for the next step: it returns int64 [N] tokens and int32 [N] members.
-  No distribution leaves the actor.
+  and draws their members for the next step: it returns N token ids and N members. No
+  distribution leaves the actor.
 * ME ("shared") and "single": one call (the drawn member's / `member`'s actor), which samples
-  every row; the shared draw of the next member runs on the driver (`select_members` with the
-  first request's seed, as locally).
+  every row (and, for "shared", draws the batch's next member from the first request's seed, as
+  locally).
+* Running ahead (`run_ahead`, default 16): a call that serves every active row alone goes on to
+  the next step in the actor while every row draws the same member again and no row sampled EOS
+  (always, for "single"), up to run_ahead steps: exactly what the next calls would compute (each
+  step's randomness is keyed by (seed, step)), without their round trips. Rows that a stop string
+  ends on the driver simply drop the tokens their actor ran ahead. run_ahead=0 keeps exactly one
+  call per step and running member.
 * CE: a call to every actor, which returns its next-token logits [B, V] of every row; the driver
   stacks them into fp32 [M, B, V] and samples with `me_kernels.mixture_sample` (the request seeds
   and offsets of the local run). By default the logits travel in the engine's own dtype (what the
@@ -43,8 +49,8 @@ calls):
 * Scoring: each actor returns only the log-probability of every continuation token under its
   member (float32, one number per token); the driver mixes them in float64:
   log sum_m w_m p_m(token | prefix). `score_ids(..., with_greedy=True)` needs the mixture's argmax,
-  so then the actors return their full logits at the scored positions and the driver mixes them
-  with `me_kernels.mixture_logprobs`, as the local engines do.
+  so then the actors return their full log-probabilities at the scored positions and the driver
+  mixes them with `me_kernels.mixture_logprobs`, as the local engines do.
 
 A lost actor (its process or node died, or it did not answer within `timeout_s`): the call raises
 a RuntimeError naming the member (index and path) within the deadline; the actor is killed and the
@@ -362,7 +368,8 @@ class RayEnsemble:
     manager).
 
     last_call_stats: after each generate call, {"method", "calls_per_step": [int] (remote calls
-    the driver made at each step), "members_per_step": [[member, ...]] (whose actors it called),
+    the driver made at each step; 0 for a step an earlier call ran ahead to), "members_per_step":
+    [[member, ...]] (whose actors it called),
     "end_calls": int (the fire-and-forget calls that free the actors' caches after the call)}; after
     scoring, {"method": "score", "calls": int}.
     """
@@ -398,6 +405,7 @@ class RayEnsemble:
         self.last_call_stats: dict = {}
         self._job = 0
         self._test_step_hook = None  # tests: called as hook(t) after each step's replies
+        self._closed = False
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -512,7 +520,7 @@ class RayEnsemble:
 
     def _ensure_actors(self) -> None:
         """Re-create the actors of members lost in an earlier call (see the module docstring)."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             raise RuntimeError("this RayEnsemble was closed (its actors are gone); build a new one")
         lost = [m for m, handle in enumerate(self._actors) if handle is None]
         if not lost:

@@ -177,6 +177,8 @@ def test_hf_engine_native_bf16_logits_on_the_wire(cluster):
         while _named_actor_exists(name) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _named_actor_exists(name), name
+    with pytest.raises(RuntimeError, match="was closed"):
+        remote.generate(PROMPTS, max_new_tokens=2)
 
 
 def _named_actor_exists(name: str) -> bool:
