@@ -235,6 +235,12 @@ def test_bad_arguments_fail_before_any_actor_starts(remote):
         Ensemble.from_pretrained(demo_members(), placement="ray", ray_options={"gpus": 1})
     with pytest.raises(ValueError, match="ce_wire_dtype"):
         Ensemble.from_pretrained(demo_members(), placement="ray", ray_options={"ce_wire_dtype": "int8"})
+    for options, message in (({"timeout_s": 0}, "timeout_s"), ({"load_timeout_s": float("inf")}, "load_timeout_s"),
+                             ({"run_ahead": -1}, "run_ahead"), ({"torch_threads": 0}, "torch_threads"),
+                             ({"per_member": [{}]}, "per_member"), ({"per_member": [{}, {"gpus": 1}]}, "per_member"),
+                             ({"num_gpus": -1}, "num_gpus")):
+        with pytest.raises(ValueError, match=message):
+            Ensemble.from_pretrained(demo_members(), placement="ray", ray_options=options)
     with pytest.raises(ValueError, match="only for placement='ray'"):
         Ensemble.from_pretrained(demo_members(), ray_options={"num_gpus": 1})
     with pytest.raises(ValueError, match="draft_tokens > 0 .* placement='ray'"):
