@@ -406,6 +406,7 @@ class RayEnsemble:
         self._job = 0
         self._test_step_hook = None  # tests: called as hook(t) after each step's replies
         self._closed = False
+        self.sampling_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -654,9 +655,12 @@ class RayEnsemble:
         self._job += 1
         job = self._job
         batch = Batch(prompts, seeds, max_new_tokens, torch.device("cpu"))  # the driver's token history
-        weights = torch.tensor(self._weights, dtype=torch.float32)
+        # The driver's own draws (the members of step 0, CE's mixture) run where the local run's
+        # would: on a GPU when the driver has one (the kernels), else with the CPU ops.
+        device = self.sampling_device
+        weights = torch.tensor(self._weights, dtype=torch.float32, device=device)
         shared = method == "me" and selection == "shared"
-        batch_seed = batch.seeds[:1].clone()  # "shared": every draw from the first request's seed
+        batch_seed = batch.seeds[:1].to(device)  # "shared": every draw from the first request's seed
         sample_kwargs = params.kwargs()
         seen: dict[int, int] = {}  # member -> step of its actor's last call (it holds every token before it)
         told_version: dict[int, int] = {}  # member -> the version of the active set its actor holds
@@ -664,7 +668,7 @@ class RayEnsemble:
         members_host: list[int] = []
         if method == "me":
             first = (me_kernels.select_members(weights, seed=batch_seed, offset=0, batch=1).expand(batch.size) if shared
-                     else me_kernels.select_members(weights, seed=batch.seeds, offset=0, batch=batch.size))
+                     else me_kernels.select_members(weights, seed=batch.seeds.to(device), offset=0, batch=batch.size))
             members_host = first.tolist()
             self._check_members(members_host, -1)
 
@@ -716,7 +720,9 @@ class RayEnsemble:
                 if method == "ce":
                     logits = [_from_wire(r) for r in replies]
                     stacked = torch.stack(logits if self.wire_dtype is None else [x.float() for x in logits])
-                    tokens = me_kernels.mixture_sample(stacked, weights, seed=batch.seeds, offset=t, **sample_kwargs)
+                    # (on a GPU driver: one host -> device copy of the stacked logits per step)
+                    tokens = me_kernels.mixture_sample(stacked.to(device), weights, seed=batch.seeds.to(device),
+                                                       offset=t, **sample_kwargs)
                     steps = [(tokens.tolist(), [-1] * batch.size)]
                     next_by_request = None
                 else:
@@ -809,7 +815,7 @@ class RayEnsemble:
         log_w = torch.tensor(self._weights, dtype=torch.float64).log()[:, None]
         weights = torch.tensor(self._weights, dtype=torch.float32)
         calls = 0
-        # full logits travel only for with_greedy: chunks of at most 256 MiB of them per member
+        # full log-probabilities travel only for with_greedy: chunks of at most 256 MiB of them per member
         per_chunk = max(1, (256 << 20) // (4 * self.vocab_size)) if with_greedy else None
         for chunk in _token_chunks(order, conts, per_chunk):
             p, c = [prompts[i] for i in chunk], [conts[i] for i in chunk]
