@@ -174,3 +174,31 @@ def encode_prompt(tokenizer, prompt, who: str) -> list[int]:
                          f"({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__})")
     text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_of(device):
+    """The accelerate device map a member's `device` asks for (from_pretrained's device_map):
+    a strategy name ("auto", "balanced", "balanced_low_0", "sequential") or a dict {module name:
+    device}; None for a plain device (or None)."""
+    if isinstance(device, dict):
+        if not device:
+            raise ValueError("a device map must not be empty")
+        return device
+    if isinstance(device, str) and device in DEVICE_MAP_STRATEGIES:
+        return device
+    return None
+
+
+def sharded_devices(model) -> list[str]:
+    """The distinct devices a member loaded with a device map spans (accelerate's hf_device_map),
+    in order of first appearance; [] for a member on one device."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    devices = []
+    for value in placement.values():
+        name = f"cuda:{value}" if isinstance(value, int) else str(value)
+        if name not in devices:
+            devices.append(name)
+    return devices if len(devices) > 1 else []

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 
 from .arguments import (check_drafting, check_max_batch_size, check_max_seq_len, check_prompts, check_sampling, check_seeds,
-                        check_texts, check_weights, encode_prompt, vocab_size)
+                        check_texts, check_weights, device_map_of, encode_prompt, vocab_size)
 from .decode import decode
 from .drafting import decode_drafting
+from .generation import Generation  # its own module: ray_placement returns it without importing this one
 from .hf_engine import HFEngine
 from .memory import estimate as estimate_call_memory
 from .mixed import EngineMembers, StackedMembers, decode_mixed
@@ -33,29 +33,7 @@ from .windows import default_max_length, default_prefix_token_id, rolling_pairs
 METHODS = ("me", "ce", "single")
 SELECTIONS = ("independent", "shared")
 ENGINES = ("auto", "stacked", "hf")
-
-
-@dataclass
-class Generation:
-    """One request's output.
-
-    text: the decoded new tokens (special tokens skipped), cut before the first stop string
-        when finish_reason is "stop"; None when the Ensemble has no tokenizer.
-    token_ids: every generated token id, including the EOS token or the tokens that spell the
-        stop string.
-    members: for each generated token, the member that produced it (-1 for CE).
-    finish_reason: "eos" | "stop" | "length".
-    drafted, accepted: CE by drafting (draft_tokens > 0): how many drafted tokens were tested
-        against the mixture for this request, and how many of them were accepted (the
-        acceptance rate is accepted / drafted); 0 otherwise.
-    """
-
-    text: str | None
-    token_ids: list[int]
-    members: list[int]
-    finish_reason: str
-    drafted: int = 0
-    accepted: int = 0
+PLACEMENTS = ("local", "ray")
 
 
 def _engine_kind(engine: str, models, max_seq_len: int | None) -> str:
@@ -190,6 +168,8 @@ class Ensemble:
         trust_remote_code: bool = False,
         engine: str = "auto",
         max_seq_len: int | None = None,
+        placement: str = "local",
+        ray_options: dict | None = None,
     ) -> Ensemble:
         """Load members with AutoModelForCausalLM (safetensors only) and their tokenizers (one
         shared tokenizer when their vocabularies agree, else one per member: see Ensemble).
@@ -199,10 +179,31 @@ class Ensemble:
             weights: mixture weights (see Ensemble).
             dtype: torch dtype or its name ("bfloat16", "float16", "float32", "auto") for every
                 member; None keeps transformers' default.
-            device: one device for all members, or a list with one device per member.
+            device: one device for all members, or a list with one device per member. A member
+                too large for one GPU: "auto" (or "balanced", "balanced_low_0", "sequential") or a
+                dict device map {module name: device} shards it with accelerate's device maps
+                (`pip install ".[multigpu]"`); a member sharded over several devices runs on the
+                "hf" engine (engine="auto" picks it; engine="stacked" is a ValueError), and its
+                logits are moved explicitly to the sampling device (member 0's first parameter's).
             trust_remote_code: run custom modelling code from the checkpoints (off unless asked).
             engine, max_seq_len: see Ensemble.
+            placement: "local" (this process) or "ray": each member in a named Ray actor, the
+                driver runs the step loop; returns a me_runtime.ray_placement.RayEnsemble with
+                Ensemble's generation and scoring API (`pip install ".[ray]"`).
+            ray_options: placement="ray" only: see RayEnsemble.from_pretrained.
         """
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if placement == "ray":
+            try:
+                from .ray_placement import RayEnsemble
+            except ImportError as e:
+                raise ImportError(f'placement="ray" needs ray: pip install ".[ray]" ({e})') from e
+            return RayEnsemble.from_pretrained(paths, weights, dtype=dtype, device=device,
+                                               trust_remote_code=trust_remote_code, engine=engine,
+                                               max_seq_len=max_seq_len, ray_options=ray_options)
+        if ray_options is not None:
+            raise ValueError("ray_options is only for placement='ray'")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if isinstance(paths, (str, os.PathLike)):
@@ -239,8 +240,11 @@ class Ensemble:
             kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
             if dtype is not None:
                 kwargs["dtype"] = dtype
+            device_map = device_map_of(dev)
+            if device_map is not None:  # accelerate places (shards) the member as it loads
+                kwargs["device_map"] = device_map
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            if dev is not None:
+            if dev is not None and device_map is None:
                 model = model.to(dev)
             models.append(model)
         tokenizer = tokenizers if mixed else (known[0] if known else None)

@@ -31,6 +31,7 @@ import torch
 import me_kernels
 
 from .architectures import shape_key, unsupported_reason
+from .arguments import sharded_devices
 from .decode import Batch
 from .stacked import StackedGroup
 
@@ -50,7 +51,11 @@ def check_supported(models: list[torch.nn.Module]) -> list[str | None]:
     first = next(models[0].parameters()).device
     for i, model in enumerate(models):
         device = next(model.parameters()).device
-        if reasons[i] is None and device != first:
+        shards = sharded_devices(model)
+        if reasons[i] is None and shards:
+            reasons[i] = (f"it is sharded over {', '.join(shards)} (a device map; the stacked engine runs a member "
+                          "on one device; use engine='hf')")
+        elif reasons[i] is None and device != first:
             reasons[i] = f"it is on {device} and member 0 on {first} (the stacked engine runs members on one device; use engine='hf')"
     return reasons
 
@@ -421,6 +426,21 @@ class StackedEngine:
             yield chunk
 
     def _score_rows(self, prompts, conts, weights) -> list[tuple[float, bool]]:
+        out = torch.zeros(len(prompts), dtype=torch.float64, device=self.sampling_device)
+        greedy = torch.ones(len(prompts), dtype=torch.bool, device=self.sampling_device)
+        for logmix, targets, valid in self.scored_positions(prompts, conts, weights):
+            lp = logmix.gather(2, targets[:, :, None]).squeeze(2).double()
+            out += lp.masked_fill(~valid, 0.0).sum(1)
+            # greedy: the argmax (lowest id on ties, as temperature-0 sampling) at every scored position
+            greedy &= ((logmix.argmax(2) == targets) | ~valid).all(1)
+        return list(zip(out.tolist(), greedy.tolist()))
+
+    def scored_positions(self, prompts, conts, weights):
+        """The mixture's log-probabilities at the positions that predict each row's continuation,
+        in chunks of positions: yields (logmix float32 [rows, qc, V], targets int64 [rows, qc],
+        valid bool [rows, qc]); chunk c holds continuation tokens c * qc .. (c + 1) * qc - 1 of
+        every row (valid where the row has that token). With weights [1.0] on a one-member engine:
+        the member's own log-probabilities (me_runtime.ray_placement scores that way)."""
         dev = self.sampling_device
         seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
         lengths = [len(s) for s in seqs]
@@ -453,8 +473,6 @@ class StackedEngine:
                                   kv_len=min(c0 + qc, width), logits="none")
             member_logps.append((ids, rows, local, slot))
         # scored positions in chunks of qc, all groups at each chunk, mixed over members
-        out = torch.zeros(rows_n, dtype=torch.float64, device=dev)
-        greedy = torch.ones(rows_n, dtype=torch.bool, device=dev)
         # positions per chunk: at most CHUNK_TOKENS tokens and SCORE_LOGIT_BYTES of logits at once
         per_position = rows_n * self.num_members
         qc = max(1, min(cmax, CHUNK_TOKENS // per_position, SCORE_LOGIT_BYTES // (per_position * self.vocab_size * 4)))
@@ -472,9 +490,4 @@ class StackedEngine:
             pos = s[:, None] + torch.arange(qc, device=dev)[None, :]  # position that predicts pos + 1
             valid = pos < (total - 1)[:, None]
             targets = buf.gather(1, (pos + 1).clamp(max=width - 1))
-            logmix = logmix.reshape(rows_n, qc, -1)
-            lp = logmix.gather(2, targets[:, :, None]).squeeze(2).double()
-            out += lp.masked_fill(~valid, 0.0).sum(1)
-            # greedy: the argmax (lowest id on ties, as temperature-0 sampling) at every scored position
-            greedy &= ((logmix.argmax(2) == targets) | ~valid).all(1)
-        return list(zip(out.tolist(), greedy.tolist()))
+            yield logmix.reshape(rows_n, qc, -1), targets, valid

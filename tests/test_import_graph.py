@@ -173,3 +173,53 @@ def test_harness_without_lm_eval_says_how_to_install_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=str(ROOT.parent))
     assert 'IMPORT-ERROR:' in out.stdout and 'pip install ".[eval]"' in out.stdout, out.stdout + out.stderr
+
+
+def test_only_ray_placement_imports_ray():
+    """ray is an optional extra: only me_runtime/ray_placement.py imports it (function-local
+    imports included), and only Ensemble.from_pretrained(placement="ray") imports that module."""
+    importers, placement_importers = set(), set()
+    for path in sorted(list(RUNTIME_ROOT.rglob("*.py")) + list(ROOT.rglob("*.py"))):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
+            if any(n.split(".")[0] == "ray" for n in names):
+                importers.add(str(path.relative_to(ROOT.parent)))
+            if any(n.endswith("ray_placement") for n in names) and path.name != "ray_placement.py":
+                placement_importers.add(str(path.relative_to(ROOT.parent)))
+    assert importers == {"me_runtime/ray_placement.py"}
+    assert placement_importers == {"me_runtime/ensemble.py"}
+
+
+def test_import_me_runtime_imports_neither_ray_nor_accelerate():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import me_runtime, me_runtime.ensemble, me_runtime.cli\n"
+        "print('LOADED:', sorted(m for m in ('ray', 'accelerate') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(ROOT.parent))
+    assert "LOADED: []" in out.stdout, out.stdout + out.stderr
+
+
+def test_placement_ray_without_ray_says_how_to_install_it():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from me_runtime import Ensemble\n"
+        "try:\n"
+        "    Ensemble.from_pretrained(['unused'], placement='ray')\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT-ERROR:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(ROOT.parent))
+    assert 'IMPORT-ERROR:' in out.stdout and 'pip install ".[ray]"' in out.stdout, out.stdout + out.stderr
