@@ -310,6 +310,12 @@ class StackedEngine:
         rows = torch.arange(batch.size, device=self.sampling_device)
         return self.sequences_logits(batch, t, rows, list(range(batch.size)), members.long(), members_host)
 
+    def rows_logits(self, batch: Batch, t, member: int, rows: torch.Tensor, rows_host: list[int]) -> torch.Tensor:
+        """Catch member `member` up on the given rows only (rows int64 [N] on the sampling device,
+        and the same indices on the host); float32 logits [N, V] of each row's next token."""
+        members = torch.full_like(rows, member)
+        return self.sequences_logits(batch, t, rows, rows_host, members, [member] * len(rows_host))
+
     def sequences_logits(self, batch: Batch, t, rows: torch.Tensor, rows_host: list[int], members: torch.Tensor,
                          members_host: list[int]) -> torch.Tensor:
         """Next-token logits float32 [N, V] of sequences (rows[i], members[i]) (int64 [N] on the
