@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "forwards member by member; auto: stacked when every member is supported")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + new tokens (default: the members' smallest context length)")
+    p.add_argument("--placement", choices=("local", "ray"), default="local",
+                   help="ray: each member in a Ray actor (pip install '.[ray]'; joins or starts a Ray cluster)")
     p.add_argument("--device", default=None, help="device for the members (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the tiny demo members, else torch's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the checkpoints")
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def text_of(ens):
     """ids of a Generation -> text: the shared tokenizer's decode, or for members with different
     tokenizers the emitted pieces' bytes (union-vocabulary ids)."""
-    if ens.union_vocabulary is None:
+    if getattr(ens, "union_vocabulary", None) is None:
         return lambda ids: ens.tokenizer.decode(ids, skip_special_tokens=True)
     pieces = ens.union_vocabulary.pieces
     return lambda ids: b"".join(pieces[u] for u in ids).decode("utf-8", errors="replace")
@@ -150,11 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ens = Ensemble.from_pretrained(
             paths, weights=weights, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
-            engine=args.engine, max_seq_len=args.max_seq_len,
+            engine=args.engine, max_seq_len=args.max_seq_len, placement=args.placement,
         )
     except (ValueError, TypeError, OSError) as err:
         print(f"me-generate: {err}", file=sys.stderr)
         return 2
+    try:
+        return _run(ens, args)
+    finally:
+        if hasattr(ens, "close"):  # placement="ray": free the actors
+            ens.close()
+
+
+def _run(ens, args) -> int:
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     try:
         gen, tps = _timed_generate(ens, prompt, args, args.method)
@@ -178,19 +188,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- drafting: {gen.accepted} of {gen.drafted} drafted tokens accepted "
               f"(acceptance rate {gen.accepted / gen.drafted:.2f})")
     print(f"--- speed: {args.method} {tps:.1f} tokens/s on {ens.device} (engine {ens.engine})")
-    mem = ens.memory_bytes()
-    cache = "" if mem["kv_cache"] is None else f", KV cache {mem['kv_cache'] / 2**20:.1f} MiB (preallocated)"
-    print(f"--- memory: weights {mem['weights'] / 2**20:.1f} MiB (held once){cache}")
+    if hasattr(ens, "memory_bytes"):  # (placement="ray": the members' memory is the actors')
+        mem = ens.memory_bytes()
+        cache = "" if mem["kv_cache"] is None else f", KV cache {mem['kv_cache'] / 2**20:.1f} MiB (preallocated)"
+        print(f"--- memory: weights {mem['weights'] / 2**20:.1f} MiB (held once){cache}")
+    else:
+        print(f"--- placement: Ray actors {', '.join(ens.actor_names)}")
     if args.compare and (args.method != "ce" or args.draft_tokens):
         plain = argparse.Namespace(**{**vars(args), "draft_tokens": 0, "draft_member": None})
         ce_gen, ce_tps = _timed_generate(ens, prompt, plain, "ce")
         print(f"--- ce ({len(ce_gen.token_ids)} tokens, same prompt and seed)\n{prompt}{ce_gen.text}")
         print(f"--- speed: {args.method} {tps:.1f} tokens/s vs ce {ce_tps:.1f} tokens/s ({tps / ce_tps:.2f}x)")
-    if ens.union_vocabulary is not None:
+    if getattr(ens, "union_vocabulary", None) is not None:
         v = ens.union_vocabulary
         print(f"--- tokenizers: one per member (union vocabulary {v.size:,} pieces; a piece costs member m up to "
               f"{v.longest_spelling} tokens); 'tokens' above are pieces")
-    if not args.model and not args.demo_mixed and not args.no_score:
+    if not args.model and not args.demo_mixed and not args.no_score and hasattr(ens, "models"):
         from .demo.scores import compare, excerpt_sizes
 
         sizes = excerpt_sizes(ens.tokenizer)

@@ -87,7 +87,7 @@ DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
 
 # model_args that build the Ensemble (the rest go to EnsembleLM).
-LOAD_ARGS = ("members", "weights", "dtype", "device", "engine", "max_seq_len", "trust_remote_code")
+LOAD_ARGS = ("members", "weights", "dtype", "device", "engine", "max_seq_len", "trust_remote_code", "placement")
 LM_ARGS = ("method", "selection", "batch_size", "max_batch_size", "max_length", "max_gen_toks", "seed",
            "draft_tokens", "draft_member", "top_k", "top_p", "min_p")
 # generate_until gen_kwargs understood (lm-eval's aliases of max_gen_toks included).
@@ -191,7 +191,8 @@ class EnsembleLM(TemplateLM):
         min_p: float = 0.0,
     ):
         super().__init__()
-        if not isinstance(ensemble, Ensemble):
+        # an Ensemble, or its placement="ray" counterpart (checked by name: ray stays unimported)
+        if not isinstance(ensemble, Ensemble) and type(ensemble).__module__ != "me_runtime.ray_placement":
             raise TypeError(f"ensemble must be a me_runtime.Ensemble, got {type(ensemble).__name__}")
         self.mixed = getattr(ensemble, "tokenizers", None) is not None
         if self.mixed and draft_tokens:
@@ -297,6 +298,7 @@ class EnsembleLM(TemplateLM):
         ensemble = Ensemble.from_pretrained(
             members, weights, dtype=args.pop("dtype", None), device=device, engine=engine,
             max_seq_len=args.pop("max_seq_len", None), trust_remote_code=bool(args.pop("trust_remote_code", False)),
+            placement=args.pop("placement", "local"),
         )
         return cls(ensemble, **args)
 

@@ -488,6 +488,11 @@ class RayEnsemble:
 
     # ---------------------------------------------------------------- actors
     @property
+    def device(self) -> torch.device:
+        """Where the driver mixes and samples (CE); the members run in their actors."""
+        return self.sampling_device
+
+    @property
     def num_members(self) -> int:
         return len(self.paths)
 

@@ -262,3 +262,29 @@ def test_float16_log_probs_round_as_documented():
     assert ((back - logp).abs() <= logp.abs() * 2.0**-11 + 1e-12).all()
     bf16 = _from_wire(_to_wire(logits.to(torch.bfloat16)))
     assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, logits.to(torch.bfloat16))
+
+
+def test_lm_eval_adapter_on_ray_members(local, remote):
+    """lm-eval's EnsembleLM over placement="ray" answers as over the local Ensemble."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from me_runtime.harness import EnsembleLM
+
+    lms = [EnsembleLM(ens, batch_size=2) for ens in (local, remote)]
+    pairs = [("The ship", " sailed"), ("def parse(line):", "\n    return line"), ("I", " am")]
+    ll = [lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+          for lm in lms]
+    for (a, ga), (b, gb) in zip(*ll):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5) and ga == gb
+    gen = [lm.generate_until([Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 8}), i)
+                              for i, c in enumerate(["The ship", "import os"])], disable_tqdm=True) for lm in lms]
+    assert gen[0] == gen[1]
+
+
+def test_cli_runs_with_ray_placement(cluster, capsys):
+    from me_runtime.cli import main
+
+    assert main(["--placement", "ray", "--max-new-tokens", "6", "--seed", "2", "--no-trace"]) == 0
+    out = capsys.readouterr().out
+    assert "--- me (6 tokens" in out and "Ray actors me-member-0-" in out
