@@ -202,3 +202,76 @@ def sharded_devices(model) -> list[str]:
         if name not in devices:
             devices.append(name)
     return devices if len(devices) > 1 else []
+
+
+METHODS = ("me", "ce", "single")
+SELECTIONS = ("independent", "shared")
+
+
+def check_generation(method: str, selection: str, member: int, max_new_tokens: int, num_members: int) -> None:
+    """generate's method / selection / member / max_new_tokens."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if isinstance(member, bool) or not isinstance(member, int):
+        raise TypeError(f"member must be an int, got {type(member).__name__}")
+    if not 0 <= member < num_members:
+        raise ValueError(f"member must be in [0, {num_members}), got {member}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def truncate_prompts(prompts: list[list[int]], max_new_tokens: int, truncate, max_seq_len: int | None,
+                     limit_reason: str) -> list[list[int]]:
+    """generate(truncate=...): None keeps the prompts; "left" keeps each prompt's last
+    max_seq_len - max_new_tokens tokens."""
+    if truncate is None:
+        return prompts
+    if truncate != "left":
+        raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
+    if max_seq_len is None:
+        return prompts
+    keep = max_seq_len - max_new_tokens
+    if keep < 1:
+        raise ValueError(f"generate: max_new_tokens = {max_new_tokens} leaves no room for a prompt: {limit_reason}")
+    return [p[-keep:] if len(p) > keep else p for p in prompts]
+
+
+def check_fits(lengths: list[int], what: str, max_seq_len: int | None, limit_reason: str) -> None:
+    """Refuse, before any work, a request longer than max_seq_len (the stacked engine's cache
+    capacity and the members' context)."""
+    if max_seq_len is None:
+        return
+    for i, n in enumerate(lengths):
+        if n > max_seq_len:
+            raise ValueError(
+                f"{what}: request {i} needs {n} positions (prompt + new tokens) but {limit_reason} "
+                f"(pass a larger max_seq_len only if the members can use longer contexts)"
+            )
+
+
+def check_token_ids(sequences, name: str, vocab_size: int, *, allow_empty: bool,
+                    allow_no_rows: bool = False) -> list[list[int]]:
+    """A list of token-id lists (tensors accepted), every id in [0, vocab_size)."""
+    if isinstance(sequences, torch.Tensor):
+        sequences = sequences.tolist()
+    if not isinstance(sequences, (list, tuple)) or (not sequences and not allow_no_rows):
+        raise ValueError(f"{name} must be a non-empty list of token-id lists")
+    out = []
+    for i, seq in enumerate(sequences):
+        if isinstance(seq, torch.Tensor):
+            seq = seq.tolist()
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name}[{i}] must be a list of ints, got {type(seq).__name__}")
+        if not seq and not allow_empty:
+            raise ValueError(f"{name}[{i}] is empty")
+        for tok in seq:
+            if isinstance(tok, bool) or not isinstance(tok, int):
+                raise TypeError(f"{name}[{i}] must hold ints, got {type(tok).__name__}")
+            if not 0 <= tok < vocab_size:
+                raise ValueError(f"{name}[{i}] holds token id {tok}, outside [0, {vocab_size})")
+        out.append(list(seq))
+    return out

@@ -10,6 +10,7 @@ Prints the generated text, the member that produced each token, and tokens/s.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt + new tokens (default: the members' smallest context length)")
     p.add_argument("--placement", choices=("local", "ray"), default="local",
                    help="ray: each member in a Ray actor (pip install '.[ray]'; joins or starts a Ray cluster)")
+    p.add_argument("--ray-options", default=None, metavar="JSON",
+                   help='with --placement ray: ray_options as JSON, e.g. \'{"num_gpus": 1, "timeout_s": 60}\'')
     p.add_argument("--device", default=None, help="device for the members (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the tiny demo members, else torch's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the checkpoints")
@@ -149,10 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.temperature is None:
         args.temperature = 1.0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    placement = {"placement": args.placement}
+    if args.ray_options is not None:
+        if args.placement != "ray":
+            print("me-generate: --ray-options needs --placement ray", file=sys.stderr)
+            return 2
+        try:
+            placement["ray_options"] = json.loads(args.ray_options)
+        except json.JSONDecodeError as err:
+            print(f"me-generate: --ray-options is not JSON: {err}", file=sys.stderr)
+            return 2
     try:
         ens = Ensemble.from_pretrained(
             paths, weights=weights, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
-            engine=args.engine, max_seq_len=args.max_seq_len, placement=args.placement,
+            engine=args.engine, max_seq_len=args.max_seq_len, **placement,
         )
     except (ValueError, TypeError, OSError) as err:
         print(f"me-generate: {err}", file=sys.stderr)

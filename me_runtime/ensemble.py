@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 
 
-from .arguments import (check_drafting, check_max_batch_size, check_max_seq_len, check_prompts, check_sampling, check_seeds,
+from .arguments import (METHODS, SELECTIONS, check_drafting, check_fits, check_generation, check_token_ids,
+                        truncate_prompts, check_max_batch_size, check_max_seq_len, check_prompts, check_sampling, check_seeds,
                         check_texts, check_weights, device_map_of, encode_prompt, vocab_size)
 from .decode import decode
 from .drafting import decode_drafting
@@ -30,8 +31,6 @@ from .stopping import ByteStopChecker, StopChecker, eos_token_ids, normalize_sto
 from .vocabularies import UnionVocabulary, eos_ids_of
 from .windows import default_max_length, default_prefix_token_id, rolling_pairs
 
-METHODS = ("me", "ce", "single")
-SELECTIONS = ("independent", "shared")
 ENGINES = ("auto", "stacked", "hf")
 PLACEMENTS = ("local", "ray")
 
@@ -437,18 +436,7 @@ class Ensemble:
         return generations
 
     def _check_method(self, method: str, selection: str, member: int, max_new_tokens: int) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if isinstance(member, bool) or not isinstance(member, int):
-            raise TypeError(f"member must be an int, got {type(member).__name__}")
-        if not 0 <= member < self.num_members:
-            raise ValueError(f"member must be in [0, {self.num_members}), got {member}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_generation(method, selection, member, max_new_tokens, self.num_members)
 
     def _refuse_mixed(self, what: str) -> None:
         if self.tokenizers is not None:
@@ -639,50 +627,13 @@ class Ensemble:
 
     # ---------------------------------------------------------------- helpers
     def _truncate(self, prompts: list[list[int]], max_new_tokens: int, truncate) -> list[list[int]]:
-        if truncate is None:
-            return prompts
-        if truncate != "left":
-            raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
-        if self.max_seq_len is None:
-            return prompts
-        keep = self.max_seq_len - max_new_tokens
-        if keep < 1:
-            raise ValueError(f"generate: max_new_tokens = {max_new_tokens} leaves no room for a prompt: "
-                             f"{self._limit_reason}")
-        return [p[-keep:] if len(p) > keep else p for p in prompts]
+        return truncate_prompts(prompts, max_new_tokens, truncate, self.max_seq_len, self._limit_reason)
 
     def _check_fits(self, lengths: list[int], what: str) -> None:
-        """Refuse, before any work, a request longer than max_seq_len (the stacked engine's cache
-        capacity and the members' context)."""
-        if self.max_seq_len is None:
-            return
-        for i, n in enumerate(lengths):
-            if n > self.max_seq_len:
-                raise ValueError(
-                    f"{what}: request {i} needs {n} positions (prompt + new tokens) but {self._limit_reason} "
-                    f"(pass a larger max_seq_len only if the members can use longer contexts)"
-                )
+        check_fits(lengths, what, self.max_seq_len, self._limit_reason)
 
     def _check_ids(self, sequences, name: str, *, allow_empty: bool, allow_no_rows: bool = False) -> list[list[int]]:
-        if isinstance(sequences, torch.Tensor):
-            sequences = sequences.tolist()
-        if not isinstance(sequences, (list, tuple)) or (not sequences and not allow_no_rows):
-            raise ValueError(f"{name} must be a non-empty list of token-id lists")
-        out = []
-        for i, seq in enumerate(sequences):
-            if isinstance(seq, torch.Tensor):
-                seq = seq.tolist()
-            if not isinstance(seq, (list, tuple)):
-                raise TypeError(f"{name}[{i}] must be a list of ints, got {type(seq).__name__}")
-            if not seq and not allow_empty:
-                raise ValueError(f"{name}[{i}] is empty")
-            for tok in seq:
-                if isinstance(tok, bool) or not isinstance(tok, int):
-                    raise TypeError(f"{name}[{i}] must hold ints, got {type(tok).__name__}")
-                if not 0 <= tok < self.vocab_size:
-                    raise ValueError(f"{name}[{i}] holds token id {tok}, outside [0, {self.vocab_size})")
-            out.append(list(seq))
-        return out
+        return check_token_ids(sequences, name, self.vocab_size, allow_empty=allow_empty, allow_no_rows=allow_no_rows)
 
     def __repr__(self) -> str:
         names = [type(m).__name__ for m in self.models]

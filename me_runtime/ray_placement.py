@@ -76,7 +76,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 import me_kernels
 
-from .arguments import (check_drafting, check_max_batch_size, check_max_seq_len, check_prompts, check_sampling,
+from .arguments import (METHODS, SELECTIONS, check_drafting, check_fits, check_generation, check_token_ids,
+                        truncate_prompts, check_max_batch_size, check_max_seq_len, check_prompts, check_sampling,
                         check_seeds, check_texts, check_weights, device_map_of, encode_prompt, vocab_size)
 from .decode import Batch, RequestResult, StepTokens, record_tokens
 from .generation import Generation
@@ -84,8 +85,6 @@ from .stopping import StopChecker, eos_token_ids, normalize_stop
 from .windows import default_max_length, default_prefix_token_id, rolling_pairs
 
 ENGINES = ("auto", "stacked", "hf")
-METHODS = ("me", "ce", "single")
-SELECTIONS = ("independent", "shared")
 # ray_options keys: how the driver talks to the actors ...
 DRIVER_OPTIONS = ("timeout_s", "load_timeout_s", "ce_wire_dtype", "namespace", "torch_threads", "run_ahead",
                   "per_member")
@@ -877,60 +876,16 @@ class RayEnsemble:
 
     # ---------------------------------------------------------------- argument checks (as Ensemble's)
     def _check_method(self, method: str, selection: str, member: int, max_new_tokens: int) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if isinstance(member, bool) or not isinstance(member, int):
-            raise TypeError(f"member must be an int, got {type(member).__name__}")
-        if not 0 <= member < self.num_members:
-            raise ValueError(f"member must be in [0, {self.num_members}), got {member}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_generation(method, selection, member, max_new_tokens, self.num_members)
 
     def _truncate(self, prompts: list[list[int]], max_new_tokens: int, truncate) -> list[list[int]]:
-        if truncate is None:
-            return prompts
-        if truncate != "left":
-            raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
-        if self.max_seq_len is None:
-            return prompts
-        keep = self.max_seq_len - max_new_tokens
-        if keep < 1:
-            raise ValueError(f"generate: max_new_tokens = {max_new_tokens} leaves no room for a prompt: "
-                             f"{self._limit_reason}")
-        return [p[-keep:] if len(p) > keep else p for p in prompts]
+        return truncate_prompts(prompts, max_new_tokens, truncate, self.max_seq_len, self._limit_reason)
 
     def _check_fits(self, lengths: list[int], what: str) -> None:
-        if self.max_seq_len is None:
-            return
-        for i, n in enumerate(lengths):
-            if n > self.max_seq_len:
-                raise ValueError(f"{what}: request {i} needs {n} positions (prompt + new tokens) but "
-                                 f"{self._limit_reason}")
+        check_fits(lengths, what, self.max_seq_len, self._limit_reason)
 
     def _check_ids(self, sequences, name: str, *, allow_empty: bool, allow_no_rows: bool = False) -> list[list[int]]:
-        if isinstance(sequences, torch.Tensor):
-            sequences = sequences.tolist()
-        if not isinstance(sequences, (list, tuple)) or (not sequences and not allow_no_rows):
-            raise ValueError(f"{name} must be a non-empty list of token-id lists")
-        out = []
-        for i, seq in enumerate(sequences):
-            if isinstance(seq, torch.Tensor):
-                seq = seq.tolist()
-            if not isinstance(seq, (list, tuple)):
-                raise TypeError(f"{name}[{i}] must be a list of ints, got {type(seq).__name__}")
-            if not seq and not allow_empty:
-                raise ValueError(f"{name}[{i}] is empty")
-            for tok in seq:
-                if isinstance(tok, bool) or not isinstance(tok, int):
-                    raise TypeError(f"{name}[{i}] must hold ints, got {type(tok).__name__}")
-                if not 0 <= tok < self.vocab_size:
-                    raise ValueError(f"{name}[{i}] holds token id {tok}, outside [0, {self.vocab_size})")
-            out.append(list(seq))
-        return out
+        return check_token_ids(sequences, name, self.vocab_size, allow_empty=allow_empty, allow_no_rows=allow_no_rows)
 
     def __repr__(self) -> str:
         return (f"RayEnsemble(members={self.paths}, weights={[round(w, 4) for w in self._weights]}, "

@@ -285,6 +285,9 @@ def test_lm_eval_adapter_on_ray_members(local, remote):
 def test_cli_runs_with_ray_placement(cluster, capsys):
     from me_runtime.cli import main
 
-    assert main(["--placement", "ray", "--max-new-tokens", "6", "--seed", "2", "--no-trace"]) == 0
+    # num_cpus 0: the module's RayEnsemble holds the cluster's two CPUs
+    options = '{"num_cpus": 0, "timeout_s": 30, "load_timeout_s": 120, "torch_threads": 1}'
+    assert main(["--placement", "ray", "--ray-options", options, "--max-new-tokens", "6", "--seed", "2",
+                 "--no-trace"]) == 0
     out = capsys.readouterr().out
     assert "--- me (6 tokens" in out and "Ray actors me-member-0-" in out
