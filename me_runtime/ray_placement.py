@@ -467,6 +467,8 @@ class RayEnsemble:
                 dev = "auto" if gpus > 1 else "cuda"
             member_kwargs.append({"dtype": dtype, "device": dev, "engine": engine, "max_seq_len": max_seq_len,
                                   "trust_remote_code": trust_remote_code, "torch_threads": options["torch_threads"]})
+        for i in range(len(paths)):  # before any actor starts: a request no node can meet waits forever
+            _check_placeable(i, paths[i], options["actor"][i])
         actors, names = [None] * len(paths), [""] * len(paths)
         pending = {i: _create_actor(i, paths[i], member_kwargs[i], options["actor"][i], options["namespace"])
                    for i in range(len(paths))}
@@ -893,6 +895,23 @@ class RayEnsemble:
 
 
 # ====================================================================================== helpers
+
+
+def _check_placeable(index: int, path: str, actor_options: dict) -> None:
+    """ValueError when no alive node of the cluster has the CPUs, GPUs, memory and custom resources
+    member `index`'s actor asks for (Ray would keep such an actor pending, not fail it)."""
+    wanted = {"CPU": actor_options.get("num_cpus", 0) or 0, "GPU": actor_options.get("num_gpus", 0) or 0,
+              "memory": actor_options.get("memory", 0) or 0, **(actor_options.get("resources") or {})}
+    wanted = {k: v for k, v in wanted.items() if v}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not wanted or not nodes or any(all(node.get(k, 0) >= v for k, v in wanted.items()) for node in nodes):
+        return
+    largest = {k: max(node.get(k, 0) for node in nodes) for k in wanted}
+    raise ValueError(
+        f"member {index} ({path}): no node of the Ray cluster can host its actor: it asks for {wanted}, the "
+        f"largest node offers {largest} (set ray_options num_gpus / num_cpus / resources, per_member, or join "
+        "nodes that have them)"
+    )
 def _check_ray_options(ray_options, num_members: int) -> dict:
     """Validate ray_options before anything loads; returns the driver options and one dict of
     actor options per member."""

@@ -291,3 +291,12 @@ def test_cli_runs_with_ray_placement(cluster, capsys):
                  "--no-trace"]) == 0
     out = capsys.readouterr().out
     assert "--- me (6 tokens" in out and "Ray actors me-member-0-" in out
+
+
+def test_an_actor_no_node_can_host_is_refused_at_once(cluster):
+    """Asking for GPUs the (CPU-only) cluster does not have: a ValueError naming the member before
+    any actor starts, not a wait for load_timeout_s."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"member 0 .*no node of the Ray cluster can host its actor.*GPU"):
+        Ensemble.from_pretrained(demo_members(), placement="ray", ray_options={"num_gpus": 1, "num_cpus": 0})
+    assert time.perf_counter() - start < 30
