@@ -365,6 +365,28 @@ class MemberRunner:
         )
 
 
+def padded_rows(prompts: list[list[int]], conts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One scoring forward's inputs: each row prompt + continuation, left-padded to the longest:
+    token ids, attention mask and position ids, int64 [rows, width] on the CPU."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
+    width = max(len(s) for s in seqs)
+    pad = [width - len(s) for s in seqs]
+    ids = torch.tensor([[0] * n + s for n, s in zip(pad, seqs)], dtype=torch.long)
+    mask = (torch.arange(width)[None, :] >= torch.tensor(pad)[:, None]).long()
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def continuation_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                        cmax: int) -> torch.Tensor:
+    """A member's logits [rows, cmax, V] (its dtype, on its device) at the positions predicting
+    the last cmax tokens of each padded row (padded_rows), from one forward without a cache."""
+    dev = _device_of(model)
+    kwargs = {"logits_to_keep": cmax + 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=False,
+                **kwargs)
+    return out.logits[:, -cmax - 1 : -1, :]
+
+
 class HFEngine:
     """Runs each member's own Hugging Face forward (any causal LM). See the module docstring."""
 
@@ -468,23 +490,11 @@ class HFEngine:
             yield chunk
 
     def _score_chunk(self, prompts, conts, weights) -> list[tuple[float, bool]]:
-        seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
-        width = max(len(s) for s in seqs)
-        cmax = max(len(c) for c in conts)
-        pad = [width - len(s) for s in seqs]
-        ids = torch.tensor([[0] * n + s for n, s in zip(pad, seqs)], dtype=torch.long)
-        mask = (torch.arange(width)[None, :] >= torch.tensor(pad)[:, None]).long()
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        member_logits = []
-        for model in self.models:
-            dev = _device_of(model)
-            kwargs = {"logits_to_keep": cmax + 1} if self.keeps_logits else {}
-            out = model(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), use_cache=False, **kwargs
-            )
-            # the logits at the cmax positions that predict the last cmax tokens
-            member_logits.append(out.logits[:, -cmax - 1 : -1, :].to(self.sampling_device))
-        rows = len(seqs)
+        ids, mask, positions = padded_rows(prompts, conts)
+        width, cmax = ids.shape[1], max(len(c) for c in conts)
+        member_logits = [continuation_logits(model, ids, mask, positions, cmax).to(self.sampling_device)
+                         for model in self.models]
+        rows = len(prompts)
         stacked = torch.stack(member_logits).reshape(self.num_members, rows * cmax, -1)
         logmix = me_kernels.mixture_logprobs(stacked, weights).reshape(rows, cmax, -1)
         targets = ids[:, width - cmax :].to(self.sampling_device)

@@ -60,7 +60,6 @@ stays usable. Not available with placement="ray" (a ValueError says so): CE by d
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -81,6 +80,7 @@ from .arguments import (METHODS, SELECTIONS, check_drafting, check_fits, check_g
                         check_seeds, check_texts, check_weights, device_map_of, encode_prompt, vocab_size)
 from .decode import Batch, RequestResult, StepTokens, record_tokens
 from .generation import Generation
+from .hf_engine import HFEngine, continuation_logits, padded_rows
 from .stopping import StopChecker, eos_token_ids, normalize_stop
 from .windows import default_max_length, default_prefix_token_id, rolling_pairs
 
@@ -126,7 +126,6 @@ class MemberWorker:
                  max_seq_len: int | None = None, trust_remote_code: bool = False, torch_threads: int | None = None):
         from transformers import AutoModelForCausalLM
 
-        from .hf_engine import HFEngine
         from .stacked_engine import StackedEngine, check_supported
 
         if torch_threads is not None:
@@ -143,7 +142,6 @@ class MemberWorker:
             model = model.to(device)
         model.eval()
         self.model = model
-        self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.device = next(model.parameters()).device  # the sampling device of this member
         self.vocab_size = vocab_size(model)
         self.max_seq_len, _ = check_max_seq_len(max_seq_len, [model])
@@ -306,25 +304,18 @@ class MemberWorker:
                     for j, i in enumerate(idx):
                         per_row[i] = torch.cat(parts[j])
             else:
-                for lo, hi in _row_chunks(prompts, conts, self.vocab_size):
-                    rows = self._hf_logprobs(prompts[lo:hi], conts[lo:hi], full)
-                    per_row[lo:hi] = rows
+                for idx in self.engine._score_chunks(prompts, conts):
+                    rows = self._hf_logprobs([prompts[i] for i in idx], [conts[i] for i in idx], full)
+                    for i, row in zip(idx, rows):
+                        per_row[i] = row
         return _to_wire(torch.cat(per_row).float())
 
     def _hf_logprobs(self, prompts, conts, full: bool) -> list[torch.Tensor]:
-        """The hf engine's scoring forward (left-padded rows, one forward without cache)."""
-        seqs = [list(p) + list(c) for p, c in zip(prompts, conts)]
-        width = max(len(s) for s in seqs)
+        """The hf engine's scoring forward (hf_engine.padded_rows / continuation_logits), per row
+        its continuation's log-probabilities (full: whole rows)."""
+        ids, mask, positions = padded_rows(prompts, conts)
         cmax = max(len(c) for c in conts)
-        pad = [width - len(s) for s in seqs]
-        ids = torch.tensor([[0] * n + s for n, s in zip(pad, seqs)], dtype=torch.long)
-        mask = (torch.arange(width)[None, :] >= torch.tensor(pad)[:, None]).long()
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        kwargs = {"logits_to_keep": cmax + 1} if self.accepts_logits_to_keep else {}
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), use_cache=False, **kwargs).logits
-        # the positions predicting the last cmax tokens; row r's scored ones are its last len(cont)
-        logp = torch.log_softmax(logits[:, -cmax - 1 : -1, :].float(), dim=-1)
+        logp = torch.log_softmax(continuation_logits(self.model, ids, mask, positions, cmax).float(), dim=-1)
         rows = []
         for r, cont in enumerate(conts):
             row = logp[r, cmax - len(cont) :]
@@ -332,20 +323,6 @@ class MemberWorker:
                 row = row.gather(1, torch.tensor(cont, dtype=torch.long, device=self.device)[:, None]).squeeze(1)
             rows.append(row)
         return rows
-
-
-def _row_chunks(prompts, conts, vocab: int, max_tokens: int = 16384, max_logit_bytes: int = 256 << 20):
-    """[lo, hi) ranges of rows whose padded forward and kept fp32 logits stay within bounds."""
-    lo, width, cmax = 0, 0, 0
-    for i in range(len(prompts)):
-        w, c = max(width, len(prompts[i]) + len(conts[i])), max(cmax, len(conts[i]))
-        rows = i - lo + 1
-        if i > lo and (rows * w > max_tokens or rows * (c + 1) * vocab * 4 > max_logit_bytes):
-            yield lo, i
-            lo, w, c = i, len(prompts[i]) + len(conts[i]), len(conts[i])
-        width, cmax = w, c
-    if lo < len(prompts):
-        yield lo, len(prompts)
 
 
 def _node_id() -> str | None:

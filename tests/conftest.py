@@ -68,3 +68,13 @@ def eager_cuda_graphs(monkeypatch):
         return EagerGraph(fn, out), static, out
 
     monkeypatch.setattr(stacked_engine_module.GraphedForward, "_capture", capture)
+
+
+@pytest.fixture
+def compiled_cpu_kernels(monkeypatch, request):
+    """Runtime tests (modules with `pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")`)
+    run the compiled CPU ops (TRITON_INTERPRET=0): thousands of rows and vocabularies of thousands
+    are far too much for the Triton interpreter, and the kernels are tested on their own. A test
+    marked `triton_kernels` keeps CI's interpreter, to run the runtime on the Triton kernels."""
+    if request.node.get_closest_marker("triton_kernels") is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -28,20 +28,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json", 
 OUTSIDE_VOCABULARY = ["🐍", "日本", "é"]
 
 
-@pytest.fixture(autouse=True)
-def reference_sampling_path(monkeypatch):
-    # Runtime-level generation over a 3072-token vocabulary: me_kernels' torch reference path (the
-    # Triton interpreter would take minutes; the kernels are tested on their own).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: a second thread gains little and costs much on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture(scope="module")

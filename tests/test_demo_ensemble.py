@@ -14,10 +14,7 @@ from me_runtime.cli import main
 from me_runtime.demo.scores import compare, heldout_texts
 
 
-@pytest.fixture(autouse=True)
-def reference_sampling_path(monkeypatch):
-    # Runtime-level tests: the kernels' torch reference path (the kernels are tested on their own).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,7 @@ def tokenizer(paths):
     return AutoTokenizer.from_pretrained(paths[0], local_files_only=True)
 
 
-@pytest.fixture(autouse=True)
-def reference_mixture_path(monkeypatch):
-    # Runtime-level scoring over a 4096-token vocabulary: me_kernels' torch reference path (the
-    # Triton interpreter would take minutes; the kernels are tested on their own).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,10 +21,7 @@ import me_runtime.demo  # noqa: E402
 from me_runtime.demo.scores import bits_per_byte, heldout_texts  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def reference_mixture_path(monkeypatch):
-    # Runtime-level scoring: me_kernels' torch reference path (kernels are tested on their own).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 def test_scripts_write_into_this_checkouts_demo_package():

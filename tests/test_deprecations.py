@@ -16,9 +16,7 @@ from me_runtime import Ensemble
 from tiny_models import char_tokenizer, tiny_member
 
 
-@pytest.fixture(autouse=True)
-def compiled_cpu_kernels(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the runtime on the CPU ops (fast)
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.mark.parametrize("engine", ["hf", "stacked"])

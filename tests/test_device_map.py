@@ -18,9 +18,7 @@ from tiny_models import tiny_member
 PROMPTS = ["def parse(line):", "The ship sailed"]
 
 
-@pytest.fixture(autouse=True)
-def compiled_cpu_kernels(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 def test_device_auto_and_a_dict_map_give_the_tokens_of_one_device():

@@ -24,14 +24,7 @@ WEIGHTS = [0.5, 0.3, 0.2]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@pytest.fixture(autouse=True)
-def compiled_cpu_kernels(monkeypatch, request):
-    """Thousands of rows are far too many for the Triton interpreter: these tests run the CPU
-    ops (the compiled kernels, what CPU users run; verify_draft's CPU kernel draws the reference's
-    tokens, tested in test_verify_draft.py). test_drafting_on_the_triton_kernels runs the drafting
-    runtime on the interpreted kernels."""
-    if request.node.get_closest_marker("triton_kernels") is None:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture(scope="module")
@@ -373,21 +366,29 @@ def test_chunked_verification_reads_long_prompts_in_chunks(members, monkeypatch)
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
 
 
+def _drafting_rounds(ens, rounds: int = 4) -> list[list[int]]:
+    """Each row's generated count after each of `rounds` fixed-k drafting rounds over ragged rows."""
+    with torch.inference_mode():
+        batch = Batch([[1, 2, 3], [4, 5], [0], [5, 4, 3, 2]], [1, 2, 3, 4], 24, torch.device("cpu"))
+        dec = DraftingDecoder(ens._engine, ens._weights_tensor(), batch, params=SamplingParams(), draft_tokens=3,
+                              draft_member=None, max_new_tokens=24, adaptive=False)
+        assert dec.per_row == ens._engine.per_row_positions
+        dec.first_members()
+        ens._engine.begin(batch)
+        counts = []
+        for _ in range(rounds):
+            dec.round()
+            counts.append(list(dec.gen))
+        ens._engine.end()
+    return counts
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_rows_keep_their_own_positions_on_both_engines(members, engine):
     """Each row emits its own accepted run (rows reach different positions), on both engines."""
     ens = _ensemble(members, engine)
-    with torch.inference_mode():
-        batch = Batch([[1, 2, 3], [4, 5], [0]], [1, 2, 3], 24, torch.device("cpu"))
-        dec = DraftingDecoder(ens._engine, ens._weights_tensor(), batch, params=SamplingParams(), draft_tokens=3,
-                              draft_member=None, max_new_tokens=24, adaptive=False)
-        dec.first_members()
-        ens._engine.begin(batch)
-        spreads = []
-        for _ in range(4):
-            dec.round()
-            spreads.append(max(dec.gen) - min(dec.gen))
-        ens._engine.end()
+    assert ens._engine.per_row_positions
+    spreads = [max(gen) - min(gen) for gen in _drafting_rounds(ens)]
     assert max(spreads) > 0, spreads
 
 
@@ -397,13 +398,5 @@ def test_hf_rows_advance_in_lock_step_with_sliding_window_members(name):
     position (every round emits the fewest tokens any row got)."""
     ens = Ensemble(other_architecture_members(name), engine="hf")
     assert not ens._engine.per_row_positions
-    with torch.inference_mode():
-        batch = Batch([[1, 2, 3], [4, 5], [0]], [1, 2, 3], 24, torch.device("cpu"))
-        dec = DraftingDecoder(ens._engine, ens._weights_tensor(), batch, params=SamplingParams(), draft_tokens=3,
-                              draft_member=None, max_new_tokens=24, adaptive=False)
-        dec.first_members()
-        ens._engine.begin(batch)
-        for _ in range(4):
-            dec.round()
-            assert max(dec.gen) == min(dec.gen) > 0
-        ens._engine.end()
+    for gen in _drafting_rounds(ens):
+        assert max(gen) == min(gen) > 0

@@ -26,11 +26,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "data" / "lm_eval_tasks"
 MEMBERS = "|".join(demo_members())
 
 
-@pytest.fixture(autouse=True)
-def reference_sampling_path(monkeypatch):
-    # Runtime-level tests: the kernels' torch reference path (the interpreter is far too slow for
-    # whole evaluations; the kernels are tested on their own).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture(scope="module")

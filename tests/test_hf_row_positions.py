@@ -20,10 +20,7 @@ V = 12
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def compiled_cpu_kernels(monkeypatch):
-    """Runtime tests run the CPU ops, not the Triton interpreter (too slow for whole generations)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 # members of other architectures: learned positions (GPT-2), q/k norms (Qwen3), fused projections (Phi-3)
@@ -240,26 +237,8 @@ def test_engine_steps_with_row_positions_equal_fresh_forwards(members):
     engine.end()
 
 
-def test_ce_by_drafting_emits_each_rows_own_run_on_hf_too(members):
-    """Both engines draft with per-row positions: rows reach different positions, and the hf
-    engine gives the stacked engine's tokens."""
-    from me_kernels import SamplingParams
-    from me_runtime.drafting import DraftingDecoder
-
-    ens = Ensemble(members, weights=[0.5, 0.3, 0.2], engine="hf")
-    with torch.inference_mode():
-        batch = Batch([[1, 2, 3], [4, 5], [0], [6, 7, 8, 9]], [1, 2, 3, 4], 24, CPU)
-        dec = DraftingDecoder(ens._engine, ens._weights_tensor(), batch, params=SamplingParams(), draft_tokens=3,
-                              draft_member=None, max_new_tokens=24, adaptive=False)
-        assert dec.per_row
-        dec.first_members()
-        ens._engine.begin(batch)
-        spreads = []
-        for _ in range(4):
-            dec.round()
-            spreads.append(max(dec.gen) - min(dec.gen))
-        ens._engine.end()
-    assert max(spreads) > 0, spreads
+# (CE by drafting with per-row positions on the hf engine: tests/test_drafting.py,
+# test_rows_keep_their_own_positions_on_both_engines and test_both_engines_give_the_same_tokens.)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,12 +27,7 @@ TEXTS = ["the cat sat on the mat", "def add(a, b):\n    return a + b", "naïve c
          "  leading spaces", "x", "tab\tand\nnewline", "über", "\u00e9t\u00e9"]
 
 
-@pytest.fixture(autouse=True)
-def compiled_cpu_kernels(monkeypatch, request):
-    """Thousands of rows are too many for the Triton interpreter: these tests run the compiled
-    CPU ops; test_mixed_on_the_triton_kernels runs the same decode on the interpreted kernels."""
-    if request.node.get_closest_marker("triton_kernels") is None:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,9 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def compiled_cpu_kernels(monkeypatch):
-    """The driver samples with the compiled CPU ops, as the actors do (their environment below):
-    the local run and the actors' must use the same kernels for the same tokens."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+# The driver samples with the compiled CPU ops, as the actors do (their runtime_env below): the
+# local run and the actors' must use the same kernels for the same tokens.
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,7 @@ WEIGHTS = [0.7, 0.3]
 PREFIX = 3
 
 
-@pytest.fixture(autouse=True)
-def reference_mixture_path(monkeypatch):
-    # Runtime-level tests: me_kernels' torch reference path (the kernels are tested on their own).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture(scope="module")

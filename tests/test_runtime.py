@@ -26,14 +26,7 @@ WEIGHTS = [0.5, 0.3, 0.2]
 ENGINES = ["hf", "stacked"]
 
 
-@pytest.fixture(autouse=True)
-def reference_sampling_path(monkeypatch, request):
-    """The statistical tests here draw thousands of rows, far too many for the Triton interpreter:
-    they run me_kernels' torch reference path (what CPU users run). The kernels themselves are
-    tested under the interpreter in the kernel tests, and test_runtime_on_the_triton_kernels
-    runs this runtime on them."""
-    if request.node.get_closest_marker("triton_kernels") is None:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,7 @@ V = 11
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [3], [4, 4, 2], [0, 1]]
 
 
-@pytest.fixture(autouse=True)
-def reference_sampling_path(monkeypatch):
-    # Whole generations: the torch reference path of the sampling ops (the kernels are tested
-    # under the interpreter in their own files, and with the runtime in test_runtime.py).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 def llama_members(count=3, **kw):
