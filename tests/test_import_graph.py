@@ -138,23 +138,29 @@ def test_runtime_import_graph_is_acyclic():
     assert_acyclic(graph)
 
 
-def test_only_the_harness_imports_lm_eval():
-    """lm-eval is an optional extra: no module but me_runtime.harness imports it (function-local
-    imports included), and nothing in the package imports the harness."""
-    importers, harness_importers = set(), set()
+
+def _importers(matches, but: str | None = None) -> set[str]:
+    """Files of the packages (function-local imports included) with an import whose module or
+    name `matches`, except the file named `but`."""
+    found = set()
     for path in sorted(list(RUNTIME_ROOT.rglob("*.py")) + list(ROOT.rglob("*.py"))):
+        if path.name == but:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
-            if any(n.split(".")[0] == "lm_eval" for n in names):
-                importers.add(str(path.relative_to(ROOT.parent)))
-            if any(n.endswith("harness") for n in names) and path.name != "harness.py":
-                harness_importers.add(str(path.relative_to(ROOT.parent)))
-    assert importers == {"me_runtime/harness.py"}
-    assert harness_importers == set()
+            if any(matches(n) for n in names):
+                found.add(str(path.relative_to(ROOT.parent)))
+    return found
+
+def test_only_the_harness_imports_lm_eval():
+    """lm-eval is an optional extra: no module but me_runtime.harness imports it (function-local
+    imports included), and nothing in the package imports the harness."""
+    assert _importers(lambda n: n.split(".")[0] == "lm_eval") == {"me_runtime/harness.py"}
+    assert _importers(lambda n: n.endswith("harness"), but="harness.py") == set()
 
 
 def test_harness_without_lm_eval_says_how_to_install_it():
@@ -178,20 +184,8 @@ def test_harness_without_lm_eval_says_how_to_install_it():
 def test_only_ray_placement_imports_ray():
     """ray is an optional extra: only me_runtime/ray_placement.py imports it (function-local
     imports included), and only Ensemble.from_pretrained(placement="ray") imports that module."""
-    importers, placement_importers = set(), set()
-    for path in sorted(list(RUNTIME_ROOT.rglob("*.py")) + list(ROOT.rglob("*.py"))):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
-            if any(n.split(".")[0] == "ray" for n in names):
-                importers.add(str(path.relative_to(ROOT.parent)))
-            if any(n.endswith("ray_placement") for n in names) and path.name != "ray_placement.py":
-                placement_importers.add(str(path.relative_to(ROOT.parent)))
-    assert importers == {"me_runtime/ray_placement.py"}
-    assert placement_importers == {"me_runtime/ensemble.py"}
+    assert _importers(lambda n: n.split(".")[0] == "ray") == {"me_runtime/ray_placement.py"}
+    assert _importers(lambda n: n.endswith("ray_placement"), but="ray_placement.py") == {"me_runtime/ensemble.py"}
 
 
 def test_import_me_runtime_imports_neither_ray_nor_accelerate():
